@@ -1,0 +1,533 @@
+//! Configuration: the TOML schema with its defaults, environment overrides and validation.
+//!
+//! Every field is documented in `examples/llm-gateway.toml`; keep the two in step.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::secret::{Secret, SecretRef};
+
+/// Prefix of environment variables that override config keys:
+/// `LLM_GATEWAY__SERVER__LISTEN` overrides `server.listen`.
+pub const ENV_PREFIX: &str = "LLM_GATEWAY__";
+
+/// Why a configuration could not be loaded; the message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment override could not be parsed into the schema.
+    #[error("{0}")]
+    Parse(Box<figment::Error>),
+    /// The file parsed but a value is not acceptable.
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, limits and shutdown behaviour.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Retry, failover and connection pool policy towards backends.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// Active background health checks.
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    /// Passive circuit breaker per backend.
+    #[serde(default)]
+    pub circuit_breaker: BreakerConfig,
+    /// Log level and format.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// Inference servers the gateway may send requests to.
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// Public model names and the backends that serve them.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the API listener.
+    pub listen: SocketAddr,
+    /// Separate listener for `/metrics`; when unset, `/metrics` is served on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Largest accepted request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Time a client has to send the request headers (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send the whole request body after its headers.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Proxied requests handled at once; more are shed with 503 and `Retry-After`.
+    pub max_concurrent_requests: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Tokio worker threads; 0 means one per CPU.
+    pub worker_threads: usize,
+    /// Set `TCP_NODELAY` on accepted sockets (leave on: Nagle stalls streamed responses).
+    pub tcp_nodelay: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
+            max_body_bytes: 4 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 1024,
+            shutdown_timeout: Duration::from_secs(30),
+            worker_threads: 0,
+            tcp_nodelay: true,
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Backends tried per request (first try included) before giving up.
+    pub max_attempts: u32,
+    /// No new attempt starts once this much time has passed since the request arrived.
+    #[serde(with = "humantime_serde")]
+    pub retry_budget: Duration,
+    /// Idle pooled connections are closed after this long; keep it under the backends'
+    /// keep-alive timeout (uvicorn/vLLM: 5 s).
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per backend.
+    pub pool_max_idle_per_host: usize,
+    /// Ask streaming backends for `stream_options.include_usage` so token counts are exact;
+    /// the extra usage chunk is removed again when the client did not ask for it.
+    pub request_stream_usage: bool,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            retry_budget: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(4),
+            pool_max_idle_per_host: 64,
+            request_stream_usage: true,
+        }
+    }
+}
+
+/// `[health_check]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Probe backends in the background.
+    pub enabled: bool,
+    /// Time between probes of one backend.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A probe slower than this fails.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Path probed with GET, relative to the backend's `base_url`.
+    pub path: String,
+    /// Consecutive failed probes that mark a backend unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Consecutive good probes that mark it healthy again.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            path: "/models".to_owned(),
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+        }
+    }
+}
+
+/// `[circuit_breaker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Consecutive failed requests that eject a backend.
+    pub failure_threshold: u32,
+    /// How long an ejected backend gets no traffic before one probe request is let through.
+    #[serde(with = "humantime_serde")]
+    pub open_duration: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_duration: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Log output format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[logging]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `tracing` filter directive, e.g. `info` or `info,llm_gateway=debug`; `RUST_LOG` wins.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[[backends]]`: one inference server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Unique name, used in metrics, logs and `/health`.
+    pub name: String,
+    /// OpenAI-compatible base URL including `/v1`, e.g. `http://127.0.0.1:8000/v1`.
+    pub base_url: String,
+    /// Where the backend's API key comes from: `{ credential = "name" }`,
+    /// `{ file = "/path" }` or `{ env = "VAR" }`. Never the key itself.
+    #[serde(default)]
+    pub api_key: Option<SecretRef>,
+    /// Share of traffic relative to the model's other backends.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Requests sent to this backend at once; it is skipped while full.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// Time to open a TCP connection.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Total time for a non-streaming request.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Streaming: time until the first body bytes (time to first token).
+    #[serde(default = "default_first_token_timeout", with = "humantime_serde")]
+    pub first_token_timeout: Duration,
+    /// Streaming: longest silence between two chunks.
+    #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_max_concurrency() -> usize {
+    256
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_first_token_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_stream_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// `[[models]]`: a public model name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Name clients put in `model`.
+    pub name: String,
+    /// Backends serving it (at least one).
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[[models.routes]]`: one backend for a model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name of a `[[backends]]` entry.
+    pub backend: String,
+    /// Model name sent to this backend instead of the public name.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+}
+
+impl Config {
+    /// Loads `path` (when given), applies `LLM_GATEWAY__*` overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::invalid(
+                    "--config",
+                    format!("{}: no such file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(figment.merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    /// Parses a TOML document (no environment overrides) and validates it.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Self = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: references, ranges, uniqueness.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_body_bytes == 0 {
+            return Err(ConfigError::invalid("server.max_body_bytes", "must be > 0"));
+        }
+        if s.max_concurrent_requests == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_concurrent_requests",
+                "must be > 0",
+            ));
+        }
+        if s.header_read_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "server.header_read_timeout",
+                "must be > 0",
+            ));
+        }
+        if s.body_read_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "server.body_read_timeout",
+                "must be > 0",
+            ));
+        }
+        if Some(s.listen) == s.metrics_listen && s.listen.port() != 0 {
+            return Err(ConfigError::invalid(
+                "server.metrics_listen",
+                "must differ from server.listen",
+            ));
+        }
+        if self.upstream.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "upstream.max_attempts",
+                "must be >= 1",
+            ));
+        }
+        let hc = &self.health_check;
+        if hc.enabled {
+            if hc.interval.is_zero() || hc.timeout.is_zero() {
+                return Err(ConfigError::invalid(
+                    "health_check.interval",
+                    "interval and timeout must be > 0",
+                ));
+            }
+            if !hc.path.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    "health_check.path",
+                    "must start with '/'",
+                ));
+            }
+            if hc.unhealthy_threshold == 0 || hc.healthy_threshold == 0 {
+                return Err(ConfigError::invalid(
+                    "health_check.unhealthy_threshold",
+                    "thresholds must be >= 1",
+                ));
+            }
+        }
+        if self.circuit_breaker.failure_threshold == 0 {
+            return Err(ConfigError::invalid(
+                "circuit_breaker.failure_threshold",
+                "must be >= 1",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.logging.level)
+            .map_err(|e| ConfigError::invalid("logging.level", e.to_string()))?;
+
+        let mut names = HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = |field: &str| format!("backends[{i}].{field}");
+            if !valid_name(&b.name) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("{:?}: use 1-64 of [A-Za-z0-9._-]", b.name),
+                ));
+            }
+            if !names.insert(b.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("{:?} is used by two backends", b.name),
+                ));
+            }
+            let url = reqwest::Url::parse(&b.base_url)
+                .map_err(|e| ConfigError::invalid(key("base_url"), format!("{e}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(ConfigError::invalid(
+                    key("base_url"),
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+            if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
+                return Err(ConfigError::invalid(
+                    key("base_url"),
+                    "must not carry a query or credentials (use api_key)",
+                ));
+            }
+            if b.weight == 0 {
+                return Err(ConfigError::invalid(key("weight"), "must be >= 1"));
+            }
+            if b.max_concurrency == 0 {
+                return Err(ConfigError::invalid(key("max_concurrency"), "must be >= 1"));
+            }
+            for (field, d) in [
+                ("connect_timeout", b.connect_timeout),
+                ("request_timeout", b.request_timeout),
+                ("first_token_timeout", b.first_token_timeout),
+                ("stream_idle_timeout", b.stream_idle_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(ConfigError::invalid(key(field), "must be > 0"));
+                }
+            }
+        }
+        if self.models.is_empty() {
+            return Err(ConfigError::invalid(
+                "models",
+                "at least one [[models]] entry is required",
+            ));
+        }
+        let mut model_names = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.is_empty() || m.name.len() > 256 || m.name.chars().any(char::is_control) {
+                return Err(ConfigError::invalid(
+                    format!("models[{i}].name"),
+                    "must be 1-256 printable characters",
+                ));
+            }
+            if !model_names.insert(m.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("models[{i}].name"),
+                    format!("{:?} is defined twice", m.name),
+                ));
+            }
+            if m.routes.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("models[{i}].routes"),
+                    "needs at least one route",
+                ));
+            }
+            let mut seen = HashSet::new();
+            for (j, r) in m.routes.iter().enumerate() {
+                let key = format!("models[{i}].routes[{j}].backend");
+                if !names.contains(r.backend.as_str()) {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("no backend named {:?}", r.backend),
+                    ));
+                }
+                if !seen.insert(r.backend.as_str()) {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("backend {:?} listed twice", r.backend),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every backend's API key from where its reference points.
+    pub fn resolve_secrets(&self) -> Result<Vec<Option<Secret>>, ConfigError> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                b.api_key
+                    .as_ref()
+                    .map(|r| {
+                        r.resolve().map_err(|reason| {
+                            ConfigError::invalid(format!("backends[{i}].api_key"), reason)
+                        })
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// The configuration `llm-gateway demo` runs: one model on the bundled mock upstream.
+    pub fn demo(listen: SocketAddr, mock: SocketAddr) -> Result<Self, ConfigError> {
+        let text = format!(
+            r#"
+[server]
+listen = "{listen}"
+
+[[backends]]
+name = "mock"
+base_url = "http://{mock}/v1"
+
+[[models]]
+name = "demo"
+routes = [{{ backend = "mock" }}]
+"#
+        );
+        Self::from_toml(&text)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// Where `LoadCredential=` puts files, if the service manager set it.
+pub fn credentials_directory() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}

@@ -1,0 +1,22 @@
+//! llm-gateway: an authenticated, metered, observable OpenAI-compatible front door to
+//! self-hosted inference servers. `serve` runs it on listeners the caller has bound.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod mock;
+pub mod ops;
+pub mod proxy;
+pub mod relay;
+pub mod routes;
+pub mod secret;
+pub mod server;
+pub mod sse;
+pub mod state;
+pub mod telemetry;
+pub mod upstream;
+pub mod usage;
+
+pub use config::Config;
+pub use server::{Listeners, ServeError, serve};

@@ -1,0 +1,161 @@
+//! The `llm-gateway` binary: parses the command line and runs the library.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use llm_gateway::cli::{Cli, Command};
+use llm_gateway::mock::{MockBehavior, MockState};
+use llm_gateway::{Config, Listeners, serve, telemetry};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Serve { config } => load(&config).and_then(|c| {
+            telemetry::init(&c.logging);
+            run_serve(c)
+        }),
+        Command::Demo { listen } => run_demo(listen),
+        Command::MockUpstream {
+            listen,
+            chunks,
+            chunk_interval,
+        } => run_mock(listen, chunks, chunk_interval),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(Some(path)).with_context(|| format!("invalid configuration {}", path.display()))
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    println!(
+        "{}: ok ({} models, {} backends)",
+        path.display(),
+        config.models.len(),
+        config.backends.len()
+    );
+    Ok(())
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run_serve(config: Config) -> anyhow::Result<()> {
+    runtime(config.server.worker_threads)?.block_on(async {
+        let listeners = Listeners::bind(&config)
+            .await
+            .context("cannot bind listener")?;
+        serve_until_signalled(config, listeners).await
+    })
+}
+
+/// Serves until SIGTERM/SIGINT, then drains; a second signal exits at once.
+async fn serve_until_signalled(config: Config, listeners: Listeners) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = serve(config, listeners, async {
+        let _ = stop_rx.await;
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return Ok(result?),
+        () = next_signal(&mut term, &mut int) => {
+            tracing::info!("signal received: draining (send it again to exit at once)");
+            let _ = stop_tx.send(());
+        }
+    }
+    tokio::select! {
+        result = &mut server => Ok(result?),
+        () = next_signal(&mut term, &mut int) => {
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn next_signal(term: &mut Signal, int: &mut Signal) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn run_demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    runtime(0)?.block_on(async {
+        let mock_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .context("cannot bind the mock upstream")?;
+        let mock_addr = mock_listener.local_addr()?;
+        let config = Config::demo(listen, mock_addr)?;
+        telemetry::init(&config.logging);
+        let listeners = Listeners::bind(&config)
+            .await
+            .with_context(|| format!("cannot bind {listen}"))?;
+        eprintln!(
+            "\nDEMO MODE: the gateway on http://{listen} serves model \"demo\" from a bundled MOCK \
+             upstream on {mock_addr}\n(it is not a language model). Try:\n\n  curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\nCtrl-C stops it.\n"
+        );
+        let (mock_stop_tx, mock_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mock = llm_gateway::mock::serve(
+            mock_listener,
+            MockState::new(MockBehavior::default()),
+            async {
+                let _ = mock_stop_rx.await;
+            },
+        );
+        let gateway = async {
+            let result = serve_until_signalled(config, listeners).await;
+            let _ = mock_stop_tx.send(());
+            result
+        };
+        let (gateway, mock) = tokio::join!(gateway, mock);
+        mock.context("mock upstream failed")?;
+        gateway
+    })
+}
+
+fn run_mock(
+    listen: std::net::SocketAddr,
+    chunks: usize,
+    chunk_interval: std::time::Duration,
+) -> anyhow::Result<()> {
+    runtime(0)?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot bind {listen}"))?;
+        eprintln!("mock upstream (not a language model) on http://{listen}/v1");
+        let behavior = MockBehavior {
+            chunks,
+            chunk_interval,
+            ..MockBehavior::default()
+        };
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        llm_gateway::mock::serve(listener, MockState::new(behavior), async move {
+            next_signal(&mut term, &mut int).await;
+        })
+        .await?;
+        Ok(())
+    })
+}

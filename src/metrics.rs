@@ -1,0 +1,258 @@
+//! Prometheus metrics: one registry per gateway instance, labels only from fixed sets.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::upstream::{Backend, Health};
+
+/// Label value for requests that matched no configured model or reached no backend.
+pub const NONE: &str = "none";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    model: String,
+    backend: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    backend: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 17,
+    ))
+}
+
+/// All metrics of one gateway.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    backend_up: Family<BackendLabels, Gauge>,
+    backend_ejected: Family<BackendLabels, Gauge>,
+    backend_in_flight: Family<BackendLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// One finished request, as the metrics see it.
+#[derive(Debug)]
+pub struct RequestSample<'a> {
+    pub endpoint: &'static str,
+    pub model: Option<&'a str>,
+    pub backend: Option<&'a str>,
+    pub status: u16,
+    pub duration: Duration,
+    pub ttft: Option<Duration>,
+    pub tokens: Option<crate::usage::Tokens>,
+}
+
+impl Metrics {
+    /// Registers every metric with its help text.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("llm_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by endpoint, model, backend and HTTP status",
+            requests.clone(),
+        );
+        let duration: Family<ModelLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request arrival to the last response byte, by model",
+            duration.clone(),
+        );
+        let ttft: Family<ModelLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "time_to_first_token_seconds",
+            "Streaming: time from request arrival to the first upstream bytes, by model",
+            ttft.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens by model and kind (prompt, completion); includes estimates",
+            tokens.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed upstream attempts by backend and kind",
+            upstream_errors.clone(),
+        );
+        let in_flight = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "in_flight_requests",
+            "Proxied requests being handled now (streams included)",
+            in_flight.clone(),
+        );
+        let backend_up = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "backend_up",
+            "1 unless the health prober marked the backend unhealthy",
+            backend_up.clone(),
+        );
+        let backend_ejected = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "backend_circuit_open",
+            "1 while the circuit breaker keeps traffic away from the backend",
+            backend_ejected.clone(),
+        );
+        let backend_in_flight = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "backend_in_flight_requests",
+            "Requests in flight per backend",
+            backend_in_flight.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information", build_info);
+        Self {
+            registry,
+            requests,
+            duration,
+            ttft,
+            tokens,
+            upstream_errors,
+            in_flight,
+            backend_up,
+            backend_ejected,
+            backend_in_flight,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn record_request(&self, s: &RequestSample<'_>) {
+        let model = s.model.unwrap_or(NONE).to_owned();
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: s.endpoint,
+                model: model.clone(),
+                backend: s.backend.unwrap_or(NONE).to_owned(),
+                status: s.status,
+            })
+            .inc();
+        if s.model.is_none() {
+            return;
+        }
+        let labels = ModelLabels { model };
+        self.duration
+            .get_or_create(&labels)
+            .observe(s.duration.as_secs_f64());
+        if let Some(ttft) = s.ttft {
+            self.ttft.get_or_create(&labels).observe(ttft.as_secs_f64());
+        }
+        if let Some(t) = s.tokens {
+            for (kind, n) in [("prompt", t.prompt), ("completion", t.completion)] {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        model: labels.model.clone(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// Counts one failed upstream attempt.
+    pub fn upstream_error(&self, backend: &str, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                backend: backend.to_owned(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// A proxied request started; the guard ends it.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
+    /// Prometheus text exposition, with backend gauges read fresh.
+    pub fn render(&self, backends: &[std::sync::Arc<Backend>]) -> String {
+        for b in backends {
+            let labels = BackendLabels {
+                backend: b.name.to_string(),
+            };
+            self.backend_up
+                .get_or_create(&labels)
+                .set(i64::from(b.health() != Health::Unhealthy));
+            self.backend_ejected.get_or_create(&labels).set(i64::from(
+                b.breaker_state() == crate::upstream::breaker::BreakerState::Open,
+            ));
+            self.backend_in_flight
+                .get_or_create(&labels)
+                .set(i64::try_from(b.in_flight()).unwrap_or(i64::MAX));
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+#[derive(Debug)]
+pub struct InFlight(Gauge<i64, std::sync::atomic::AtomicI64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

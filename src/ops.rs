@@ -1,0 +1,117 @@
+//! Operational endpoints: `/health`, `/ready`, `/metrics`, `/v1/models`, and JSON 404/405.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::upstream::Health;
+use crate::upstream::breaker::BreakerState;
+
+/// `GET /health`: cached state only, never waits on a backend.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let now = Instant::now();
+    let mut degraded = state.is_draining();
+    let backends: Vec<_> = state
+        .backends
+        .iter()
+        .map(|b| {
+            let health = b.health();
+            let circuit = b.breaker.state(now);
+            degraded |= health == Health::Unhealthy || circuit != BreakerState::Closed;
+            let probe = b.probe_info();
+            json!({
+                "name": &*b.name,
+                "health": health.as_str(),
+                "circuit": circuit.as_str(),
+                "in_flight": b.in_flight(),
+                "last_check_ms_ago": probe.checked_at.map(|t| now.duration_since(t).as_millis() as u64),
+                "last_error": probe.last_error,
+            })
+        })
+        .collect();
+    Json(json!({
+        "status": if degraded { "degraded" } else { "ok" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "draining": state.is_draining(),
+        "backends": backends,
+    }))
+    .into_response()
+}
+
+/// `GET /ready`: 503 while draining or when no backend can take traffic.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let now = Instant::now();
+    let reason = if state.is_draining() {
+        Some("draining")
+    } else if !state.backends.iter().any(|b| b.is_usable(now)) {
+        Some("no usable backend")
+    } else {
+        None
+    };
+    match reason {
+        None => Json(json!({ "status": "ready" })).into_response(),
+        Some(reason) => {
+            let mut response = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "not ready", "reason": reason })),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&state.backends),
+    )
+        .into_response()
+}
+
+fn model_object(state: &AppState, id: &str) -> serde_json::Value {
+    json!({ "id": id, "object": "model", "created": state.created_unix, "owned_by": "llm-gateway" })
+}
+
+/// `GET /v1/models`: the configured public model names.
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    let data: Vec<_> = state
+        .model_order
+        .iter()
+        .map(|m| model_object(&state, m))
+        .collect();
+    Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// `GET /v1/models/{model}`
+pub async fn get_model(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Response {
+    match state.models.get(&model) {
+        Some(m) => Json(model_object(&state, &m.name)).into_response(),
+        None => ApiError::ModelNotFound(model).into_response(),
+    }
+}
+
+/// Any path without a route.
+pub async fn not_found(uri: Uri) -> Response {
+    ApiError::UnknownPath(uri.path().to_owned()).into_response()
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed(method: Method) -> Response {
+    ApiError::MethodNotAllowed(method.to_string()).into_response()
+}

@@ -1,0 +1,707 @@
+//! The proxy path: validate an OpenAI request, pick a backend, fail over before the first
+//! byte, and relay the answer (whole or streamed) with its token usage.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use serde_json::{Map, Value};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::error::{ApiError, sanitize_upstream_error};
+use crate::metrics::{InFlight, RequestSample};
+use crate::relay::{Relay, StreamSummary};
+use crate::sse::SseScanner;
+use crate::state::{AppState, Model};
+use crate::telemetry::{REQUEST_ID_HEADER, RequestId};
+use crate::upstream::balancer::{self, PickError};
+use crate::upstream::{Attempt, Route};
+use crate::usage::{self, Tokens};
+
+/// Largest upstream error body read (to show its message).
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+/// Largest non-streamed upstream answer accepted (embeddings of big batches are large).
+const RESPONSE_LIMIT: usize = 64 * 1024 * 1024;
+
+/// The OpenAI endpoints the gateway proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`
+    Chat,
+    /// `POST /v1/completions`
+    Completions,
+    /// `POST /v1/embeddings`
+    Embeddings,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "/chat/completions",
+            Self::Completions => "/completions",
+            Self::Embeddings => "/embeddings",
+        }
+    }
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Chat => "chat_completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
+    /// The parameter every request must carry besides `model`, and what it must be.
+    fn required(self, value: Option<&Value>) -> Result<(), ApiError> {
+        let (param, ok, expected) = match self {
+            Self::Chat => ("messages", value.map(Value::is_array), "an array"),
+            Self::Completions => (
+                "prompt",
+                value.map(|v| v.is_string() || v.is_array()),
+                "a string or an array",
+            ),
+            Self::Embeddings => (
+                "input",
+                value.map(|v| v.is_string() || v.is_array()),
+                "a string or an array",
+            ),
+        };
+        match ok {
+            None => Err(ApiError::missing(param)),
+            Some(false) => Err(ApiError::invalid_type(param, expected)),
+            Some(true) => Ok(()),
+        }
+    }
+
+    fn can_stream(self) -> bool {
+        self != Self::Embeddings
+    }
+}
+
+/// `POST /v1/chat/completions`
+pub async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    handle(state, Endpoint::Chat, request).await
+}
+
+/// `POST /v1/completions`
+pub async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    handle(state, Endpoint::Completions, request).await
+}
+
+/// `POST /v1/embeddings`
+pub async fn embeddings(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    handle(state, Endpoint::Embeddings, request).await
+}
+
+/// What is counted and logged once a request is over.
+struct Record {
+    state: Arc<AppState>,
+    span: tracing::Span,
+    endpoint: Endpoint,
+    started: Instant,
+    model: Option<Arc<str>>,
+    backend: Option<Arc<str>>,
+    attempts: u32,
+    stream: bool,
+    ttft: Option<Duration>,
+}
+
+impl Record {
+    fn finish(&self, status: u16, tokens: Option<Tokens>, error: Option<&str>, disconnected: bool) {
+        let duration = self.started.elapsed();
+        self.state.metrics.record_request(&RequestSample {
+            endpoint: self.endpoint.label(),
+            model: self.model.as_deref(),
+            backend: self.backend.as_deref(),
+            status,
+            duration,
+            ttft: self.ttft,
+            tokens,
+        });
+        let _entered = self.span.enter();
+        let t = tokens.unwrap_or_default();
+        tracing::info!(
+            target: "llm_gateway::access",
+            endpoint = self.endpoint.label(),
+            model = self.model.as_deref().unwrap_or("-"),
+            backend = self.backend.as_deref().unwrap_or("-"),
+            status,
+            latency_ms = duration.as_secs_f64() * 1000.0,
+            ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1000.0),
+            prompt_tokens = t.prompt,
+            completion_tokens = t.completion,
+            tokens_estimated = t.estimated,
+            attempts = self.attempts,
+            stream = self.stream,
+            client_disconnected = disconnected,
+            error = error.unwrap_or("-"),
+            "request finished"
+        );
+    }
+}
+
+/// Held for as long as the request (or its stream) lives.
+struct Guards {
+    _permit: OwnedSemaphorePermit,
+    _in_flight: InFlight,
+}
+
+/// A successful upstream answer, before it becomes a response.
+enum Reply {
+    Full {
+        content_type: HeaderValue,
+        body: Bytes,
+        tokens: Tokens,
+    },
+    Stream {
+        first: Bytes,
+        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        attempt: Attempt,
+        idle_timeout: Duration,
+        strip_usage: bool,
+        prompt_bytes: usize,
+    },
+}
+
+async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> Response {
+    let mut record = Record {
+        state: Arc::clone(&state),
+        span: tracing::Span::current(),
+        endpoint,
+        started: Instant::now(),
+        model: None,
+        backend: None,
+        attempts: 0,
+        stream: false,
+        ttft: None,
+    };
+    let Ok(permit) = Arc::clone(&state.limiter).try_acquire_owned() else {
+        return fail(&record, ApiError::Overloaded);
+    };
+    let guards = Guards {
+        _permit: permit,
+        _in_flight: state.metrics.in_flight(),
+    };
+    match proxy(&state, endpoint, request, &mut record).await {
+        Ok(Reply::Full {
+            content_type,
+            body,
+            tokens,
+        }) => {
+            record.finish(200, Some(tokens), None, false);
+            let mut response = Response::new(Body::from(body));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type);
+            response
+        }
+        Ok(Reply::Stream {
+            first,
+            upstream,
+            mut attempt,
+            idle_timeout,
+            strip_usage,
+            prompt_bytes,
+        }) => {
+            let on_end = Box::new(move |summary: StreamSummary| {
+                let _guards = guards;
+                let tokens =
+                    Tokens::from_usage(summary.usage, prompt_bytes, summary.content_events);
+                match summary.end {
+                    crate::relay::StreamEnd::Complete => attempt.success(),
+                    crate::relay::StreamEnd::ClientGone => {}
+                    crate::relay::StreamEnd::UpstreamBroken
+                    | crate::relay::StreamEnd::IdleTimeout => {
+                        attempt.failure();
+                        if let Some(kind) = summary.end.error_kind() {
+                            record
+                                .state
+                                .metrics
+                                .upstream_error(&attempt.backend().name, kind);
+                        }
+                    }
+                }
+                drop(attempt);
+                record.finish(
+                    200,
+                    Some(tokens),
+                    summary.end.error_kind(),
+                    summary.end == crate::relay::StreamEnd::ClientGone,
+                );
+            });
+            let relay = Relay::new(
+                first,
+                upstream,
+                SseScanner::new(strip_usage),
+                idle_timeout,
+                on_end,
+            );
+            let mut response = Response::new(Body::from_stream(relay));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            response
+        }
+        Err(error) => fail(&record, error),
+    }
+}
+
+fn fail(record: &Record, error: ApiError) -> Response {
+    record.finish(error.status().as_u16(), None, Some(error.kind()), false);
+    error.into_response()
+}
+
+/// Validates the request and runs the attempts.
+async fn proxy(
+    state: &AppState,
+    endpoint: Endpoint,
+    request: Request,
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or(HeaderValue::from_static("-"));
+    let (raw, mut doc) = read_json(request, state.max_body_bytes, state.body_read_timeout).await?;
+    let model_name = match doc.get("model") {
+        None | Some(Value::Null) => return Err(ApiError::missing("model")),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(ApiError::invalid_type("model", "a string")),
+    };
+    let stream = match doc.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid_type("stream", "a boolean")),
+    };
+    if stream && !endpoint.can_stream() {
+        return Err(ApiError::InvalidParam {
+            param: "stream",
+            code: "unsupported_parameter",
+            message: "Streaming is not supported for embeddings.".to_owned(),
+        });
+    }
+    let client_usage = match doc.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid_type(
+                    "stream_options.include_usage",
+                    "a boolean",
+                ));
+            }
+        },
+        Some(_) => return Err(ApiError::invalid_type("stream_options", "an object")),
+    };
+    endpoint.required(doc.get(match endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completions => "prompt",
+        Endpoint::Embeddings => "input",
+    }))?;
+    let model: &Model = state
+        .models
+        .get(&model_name)
+        .ok_or_else(|| ApiError::ModelNotFound(model_name.clone()))?;
+    record.model = Some(Arc::clone(&model.name));
+    record.stream = stream;
+
+    let strip_usage = stream && state.upstream.request_stream_usage && !client_usage;
+    if strip_usage {
+        let options = doc
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(o) = options {
+            o.insert("include_usage".to_owned(), Value::Bool(true));
+        }
+    }
+    let prompt_bytes = raw.len();
+
+    let mut tried = Vec::with_capacity(model.routes.len());
+    let mut last_error: Option<ApiError> = None;
+    let budget_end = record.started + state.upstream.retry_budget;
+    for n in 0..state.upstream.max_attempts {
+        if n > 0 && Instant::now() >= budget_end {
+            break;
+        }
+        let (index, attempt) = match balancer::pick(&model.routes, &tried) {
+            Ok(picked) => picked,
+            Err(e) => {
+                if last_error.is_none() {
+                    last_error = Some(match e {
+                        PickError::NoneHealthy => ApiError::NoHealthyBackend(model_name.clone()),
+                        PickError::Saturated => ApiError::BackendsSaturated(model_name.clone()),
+                    });
+                }
+                break;
+            }
+        };
+        tried.push(index);
+        let route = &model.routes[index];
+        record.backend = Some(Arc::clone(&route.backend.name));
+        record.attempts += 1;
+        let body = body_for(route, &raw, &mut doc, strip_usage)?;
+        let call = Call {
+            endpoint,
+            stream,
+            request_id: &request_id,
+            started: record.started,
+        };
+        match call.send(attempt, body).await {
+            Ok((reply, ttft)) => {
+                record.ttft = ttft;
+                return Ok(match reply {
+                    Reply::Stream {
+                        first,
+                        upstream,
+                        attempt,
+                        idle_timeout,
+                        ..
+                    } => Reply::Stream {
+                        first,
+                        upstream,
+                        attempt,
+                        idle_timeout,
+                        strip_usage,
+                        prompt_bytes,
+                    },
+                    Reply::Full {
+                        content_type,
+                        body,
+                        tokens: _,
+                    } => {
+                        let tokens = Tokens::from_usage(
+                            usage::from_response_body(&body),
+                            prompt_bytes,
+                            Tokens::estimate_from_bytes(body.len()),
+                        );
+                        Reply::Full {
+                            content_type,
+                            body,
+                            tokens,
+                        }
+                    }
+                });
+            }
+            Err(failure) => {
+                state
+                    .metrics
+                    .upstream_error(&route.backend.name, failure.kind);
+                tracing::warn!(
+                    backend = %route.backend.name,
+                    kind = failure.kind,
+                    retry = failure.retry,
+                    "upstream attempt failed"
+                );
+                if !failure.retry {
+                    return Err(failure.error);
+                }
+                last_error = Some(failure.error);
+            }
+        }
+    }
+    Err(last_error.unwrap_or(ApiError::UpstreamUnreachable))
+}
+
+/// The body for one route: the client's bytes untouched when nothing changes, otherwise
+/// the parsed document with the route's model name (and usage option) written in.
+fn body_for(
+    route: &Route,
+    raw: &Bytes,
+    doc: &mut Map<String, Value>,
+    modified: bool,
+) -> Result<Bytes, ApiError> {
+    if route.upstream_model.is_none() && !modified {
+        return Ok(raw.clone());
+    }
+    let original = doc.get("model").cloned();
+    if let Some(name) = &route.upstream_model {
+        doc.insert("model".to_owned(), Value::String(name.clone()));
+    }
+    let bytes = serde_json::to_vec(doc).map_err(|_| ApiError::UpstreamInvalid);
+    if let Some(original) = original {
+        doc.insert("model".to_owned(), original);
+    }
+    Ok(Bytes::from(bytes?))
+}
+
+/// Why one attempt failed, and whether another backend may be tried.
+struct Failure {
+    error: ApiError,
+    kind: &'static str,
+    retry: bool,
+}
+
+impl Failure {
+    fn retry(error: ApiError, kind: &'static str) -> Self {
+        Self {
+            error,
+            kind,
+            retry: true,
+        }
+    }
+    fn last(error: ApiError, kind: &'static str) -> Self {
+        Self {
+            error,
+            kind,
+            retry: false,
+        }
+    }
+}
+
+/// One upstream call's fixed inputs.
+struct Call<'a> {
+    endpoint: Endpoint,
+    stream: bool,
+    request_id: &'a HeaderValue,
+    started: Instant,
+}
+
+impl Call<'_> {
+    /// Sends to the attempt's backend. Nothing reaches the client here, so every failure may
+    /// still go to another backend. Returns the reply and, for streams, time to first byte.
+    async fn send(
+        &self,
+        mut attempt: Attempt,
+        body: Bytes,
+    ) -> Result<(Reply, Option<Duration>), Failure> {
+        let backend = Arc::clone(attempt.backend());
+        let sent_at = tokio::time::Instant::now();
+        let deadline = sent_at
+            + if self.stream {
+                backend.timeouts.first_token
+            } else {
+                backend.timeouts.request
+            };
+        let url = backend.url(self.endpoint.path());
+        let mut stale_retry = true;
+        let response = loop {
+            let mut request = backend
+                .client
+                .post(&url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(REQUEST_ID_HEADER, self.request_id.clone())
+                .body(body.clone());
+            if self.stream {
+                request = request.header(header::ACCEPT, "text/event-stream");
+            }
+            if let Some(key) = backend.api_key() {
+                request = request.bearer_auth(key.expose());
+            }
+            match tokio::time::timeout_at(deadline, request.send()).await {
+                Ok(Ok(response)) => break response,
+                Err(_) => {
+                    attempt.failure();
+                    return Err(Failure::retry(ApiError::UpstreamTimeout, "timeout"));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    attempt.failure();
+                    return Err(Failure::retry(ApiError::UpstreamUnreachable, "connect"));
+                }
+                Ok(Err(e)) if stale_retry && !e.is_timeout() => {
+                    // A pooled keep-alive connection the server closed as we reused it:
+                    // nothing was processed, so send once more on a fresh connection.
+                    stale_retry = false;
+                    tracing::debug!(backend = %backend.name, error = %e, "retrying on a fresh connection");
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    attempt.failure();
+                    return Err(Failure::retry(ApiError::UpstreamUnreachable, "request"));
+                }
+            }
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+            let body = read_capped(response, ERROR_BODY_LIMIT, deadline)
+                .await
+                .unwrap_or_default();
+            let secrets: Vec<&str> = backend.api_key().map(|k| k.expose()).into_iter().collect();
+            let error = ApiError::UpstreamStatus {
+                status,
+                body: sanitize_upstream_error(&body, &secrets).map(Box::new),
+                retry_after,
+            };
+            return Err(if status.is_server_error() {
+                attempt.failure();
+                Failure::retry(error, "status_5xx")
+            } else if status == StatusCode::TOO_MANY_REQUESTS {
+                // Busy, not broken: try elsewhere without counting towards ejection.
+                drop(attempt);
+                Failure::retry(error, "status_429")
+            } else {
+                attempt.success();
+                Failure::last(error, "status_4xx")
+            });
+        }
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/json"));
+        let is_sse = content_type.as_bytes().starts_with(b"text/event-stream");
+        if self.stream && is_sse {
+            let mut upstream = response.bytes_stream().boxed();
+            return match tokio::time::timeout_at(deadline, upstream.next()).await {
+                Err(_) => {
+                    attempt.failure();
+                    Err(Failure::retry(
+                        ApiError::UpstreamTimeout,
+                        "first_token_timeout",
+                    ))
+                }
+                Ok(None) => {
+                    attempt.failure();
+                    Err(Failure::retry(ApiError::UpstreamInvalid, "empty_stream"))
+                }
+                Ok(Some(Err(_))) => {
+                    attempt.failure();
+                    Err(Failure::retry(
+                        ApiError::UpstreamUnreachable,
+                        "stream_broken",
+                    ))
+                }
+                Ok(Some(Ok(first))) => {
+                    let ttft = self.started.elapsed();
+                    let idle_timeout = backend.timeouts.stream_idle;
+                    Ok((
+                        Reply::Stream {
+                            first,
+                            upstream,
+                            attempt,
+                            idle_timeout,
+                            strip_usage: false,
+                            prompt_bytes: 0,
+                        },
+                        Some(ttft),
+                    ))
+                }
+            };
+        }
+        let body_deadline = sent_at + backend.timeouts.request;
+        match read_capped(response, RESPONSE_LIMIT, body_deadline).await {
+            Ok(body) => {
+                attempt.success();
+                Ok((
+                    Reply::Full {
+                        content_type,
+                        body,
+                        tokens: Tokens::default(),
+                    },
+                    None,
+                ))
+            }
+            Err(ReadError::Timeout) => {
+                attempt.failure();
+                Err(Failure::retry(ApiError::UpstreamTimeout, "timeout"))
+            }
+            Err(ReadError::TooLarge) => {
+                attempt.success();
+                Err(Failure::last(
+                    ApiError::UpstreamInvalid,
+                    "response_too_large",
+                ))
+            }
+            Err(ReadError::Broken) => {
+                attempt.failure();
+                Err(Failure::retry(ApiError::UpstreamUnreachable, "body_broken"))
+            }
+        }
+    }
+}
+
+enum ReadError {
+    Timeout,
+    TooLarge,
+    Broken,
+}
+
+/// Reads an upstream body up to `limit` bytes before `deadline`.
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, ReadError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Err(_) => return Err(ReadError::Timeout),
+            Ok(Err(_)) => return Err(ReadError::Broken),
+            Ok(Ok(None)) => return Ok(buf.freeze()),
+            Ok(Ok(Some(chunk))) => {
+                if buf.is_empty() && response.content_length() == Some(chunk.len() as u64) {
+                    return Ok(chunk);
+                }
+                if buf.len() + chunk.len() > limit {
+                    return Err(ReadError::TooLarge);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
+/// Checks the content type and size, reads the body and parses it as a JSON object.
+async fn read_json(
+    request: Request,
+    limit: usize,
+    timeout: Duration,
+) -> Result<(Bytes, Map<String, Value>), ApiError> {
+    if let Some(ct) = request.headers().get(header::CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::UnsupportedMediaType(essence.to_owned()));
+        }
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let read = axum::body::to_bytes(request.into_body(), limit);
+    let raw = match tokio::time::timeout(timeout, read).await {
+        Err(_) => return Err(ApiError::BodyTimeout),
+        Ok(Ok(raw)) => raw,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return Err(if too_large {
+                ApiError::BodyTooLarge { limit }
+            } else {
+                ApiError::InvalidJson("the request body could not be read".to_owned())
+            });
+        }
+    };
+    match serde_json::from_slice::<Value>(&raw) {
+        Ok(Value::Object(doc)) => Ok((raw, doc)),
+        Ok(_) => Err(ApiError::InvalidJson(
+            "the body must be a JSON object".to_owned(),
+        )),
+        Err(e) => Err(ApiError::InvalidJson(e.to_string())),
+    }
+}

@@ -1,0 +1,171 @@
+//! The server: accepts connections on already-bound listeners, serves them, and drains
+//! in-flight requests and streams on shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use crate::state::AppState;
+use crate::{routes, upstream};
+
+/// Sockets the gateway serves on, bound by the caller (CLI, tests, or a service manager).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The API (and `/metrics` unless `metrics` is set).
+    pub api: TcpListener,
+    /// Optional separate listener for `/metrics`.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses from `config.server`.
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        let api = TcpListener::bind(config.server.listen).await?;
+        let metrics = match config.server.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Self { api, metrics })
+    }
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration could not be turned into backends.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and
+/// streams finish for up to `server.shutdown_timeout`, and returns.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let state = Arc::new(AppState::new(&config)?);
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let hard_stop = CancellationToken::new();
+    let graceful = GracefulShutdown::new();
+
+    if config.health_check.enabled && !state.backends.is_empty() {
+        tracker.spawn(upstream::prober::run(
+            state.backends.clone(),
+            config.health_check.clone(),
+            stop_accepting.clone(),
+        ));
+    }
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.server.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let conn = ConnCtx {
+        builder: &builder,
+        graceful: &graceful,
+        tracker: &tracker,
+        hard_stop: &hard_stop,
+        nodelay: config.server.tcp_nodelay,
+    };
+
+    let api = routes::api(Arc::clone(&state), listeners.metrics.is_none());
+    if let Ok(addr) = listeners.api.local_addr() {
+        tracing::info!(%addr, models = state.models.len(), backends = state.backends.len(), "listening");
+    }
+    let accept_api = conn.accept_loop(listeners.api, api);
+    let accept_metrics = async {
+        match listeners.metrics {
+            Some(listener) => {
+                if let Ok(addr) = listener.local_addr() {
+                    tracing::info!(%addr, "metrics listening");
+                }
+                conn.accept_loop(listener, routes::metrics(Arc::clone(&state)))
+                    .await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = shutdown => {}
+        () = accept_api => {}
+        () = accept_metrics => {}
+    }
+    // Listeners are dropped here: new connection attempts are refused from now on.
+    state.start_draining();
+    stop_accepting.cancel();
+    tracing::info!(
+        timeout = ?config.server.shutdown_timeout,
+        in_flight = state.backends.iter().map(|b| b.in_flight()).sum::<usize>(),
+        "shutting down: finishing in-flight requests"
+    );
+    let drained = tokio::time::timeout(config.server.shutdown_timeout, graceful.shutdown()).await;
+    if drained.is_err() {
+        tracing::warn!("shutdown timeout reached: closing remaining connections");
+        hard_stop.cancel();
+    }
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+struct ConnCtx<'a> {
+    builder: &'a auto::Builder<TokioExecutor>,
+    graceful: &'a GracefulShutdown,
+    tracker: &'a TaskTracker,
+    hard_stop: &'a CancellationToken,
+    nodelay: bool,
+}
+
+impl ConnCtx<'_> {
+    /// Accepts until dropped; each connection runs as a tracked task.
+    async fn accept_loop(&self, listener: TcpListener, app: Router) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if self.nodelay
+                && let Err(e) = stream.set_nodelay(true)
+            {
+                tracing::debug!(error = %e, %peer, "TCP_NODELAY failed");
+            }
+            let service = TowerToHyperService::new(app.clone());
+            let connection = self
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = self.graceful.watch(connection);
+            let hard_stop = self.hard_stop.clone();
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    result = connection => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                    }
+                    () = hard_stop.cancelled() => {}
+                }
+            });
+        }
+    }
+}

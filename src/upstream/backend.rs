@@ -1,0 +1,261 @@
+//! One backend: its HTTP client and pool, in-flight count, breaker and probed health.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{BackendConfig, BreakerConfig, UpstreamConfig};
+use crate::secret::Secret;
+
+use super::breaker::{Admission, Breaker, BreakerState};
+
+/// Health as last seen by the background prober.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not probed yet (or probing disabled): usable.
+    Unknown,
+    /// Last probes succeeded.
+    Healthy,
+    /// Probes failed `unhealthy_threshold` times in a row: no traffic.
+    Unhealthy,
+}
+
+impl Health {
+    /// Name used in `/health`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Healthy,
+            2 => Self::Unhealthy,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// Details of the last probe, for `/health`.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeInfo {
+    /// When the last probe finished.
+    pub checked_at: Option<Instant>,
+    /// Why the last probe failed, if it did.
+    pub last_error: Option<String>,
+    consecutive_ok: u32,
+    consecutive_failed: u32,
+}
+
+/// Timeouts applied to requests sent to one backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Whole non-streaming request.
+    pub request: Duration,
+    /// Streaming: until the first body bytes.
+    pub first_token: Duration,
+    /// Streaming: between two chunks.
+    pub stream_idle: Duration,
+}
+
+/// A configured backend and everything the request path needs to know about it.
+#[derive(Debug)]
+pub struct Backend {
+    /// Configured name (metric label, log field).
+    pub name: Arc<str>,
+    base_url: String,
+    api_key: Option<Secret>,
+    /// Relative share of traffic.
+    pub weight: u32,
+    /// Most requests in flight at once.
+    pub max_concurrency: usize,
+    /// Per-request deadlines.
+    pub timeouts: Timeouts,
+    /// Pooled client for this backend only.
+    pub client: reqwest::Client,
+    /// Passive circuit breaker.
+    pub breaker: Breaker,
+    in_flight: AtomicUsize,
+    health: AtomicU8,
+    probe: Mutex<ProbeInfo>,
+}
+
+impl Backend {
+    /// Builds the backend and its connection pool.
+    pub fn new(
+        cfg: &BackendConfig,
+        api_key: Option<Secret>,
+        upstream: &UpstreamConfig,
+        breaker: &BreakerConfig,
+    ) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(upstream.pool_idle_timeout)
+            .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            name: Arc::from(cfg.name.as_str()),
+            base_url: cfg.base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            weight: cfg.weight,
+            max_concurrency: cfg.max_concurrency,
+            timeouts: Timeouts {
+                request: cfg.request_timeout,
+                first_token: cfg.first_token_timeout,
+                stream_idle: cfg.stream_idle_timeout,
+            },
+            client,
+            breaker: Breaker::new(breaker.failure_threshold, breaker.open_duration),
+            in_flight: AtomicUsize::new(0),
+            health: AtomicU8::new(0),
+            probe: Mutex::new(ProbeInfo::default()),
+        })
+    }
+
+    /// Full URL of `path` (which starts with `/`) on this backend.
+    pub fn url(&self, path: &str) -> String {
+        let mut url = String::with_capacity(self.base_url.len() + path.len());
+        url.push_str(&self.base_url);
+        url.push_str(path);
+        url
+    }
+
+    /// The API key to send, if any.
+    pub fn api_key(&self) -> Option<&Secret> {
+        self.api_key.as_ref()
+    }
+
+    /// Requests currently in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Health from the prober's cache.
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
+
+    /// Last probe details.
+    pub fn probe_info(&self) -> ProbeInfo {
+        self.probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Breaker state now.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state(Instant::now())
+    }
+
+    /// Could take traffic now, capacity aside.
+    pub fn is_usable(&self, now: Instant) -> bool {
+        self.health() != Health::Unhealthy && self.breaker.would_admit(now)
+    }
+
+    /// Has room for one more request.
+    pub fn has_capacity(&self) -> bool {
+        self.in_flight() < self.max_concurrency
+    }
+
+    /// Claims a slot and a breaker admission, or `None` when full or ejected.
+    pub fn try_start(self: &Arc<Self>, now: Instant) -> Option<Attempt> {
+        let prev = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.max_concurrency {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        match self.breaker.admit(now) {
+            Some(admission) => Some(Attempt {
+                backend: Arc::clone(self),
+                admission,
+                settled: false,
+            }),
+            None => {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        }
+    }
+
+    /// Records one probe result and updates health past the thresholds.
+    pub fn record_probe(
+        &self,
+        result: Result<(), String>,
+        healthy_after: u32,
+        unhealthy_after: u32,
+    ) {
+        let mut info = self
+            .probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        info.checked_at = Some(Instant::now());
+        match result {
+            Ok(()) => {
+                info.consecutive_ok = info.consecutive_ok.saturating_add(1);
+                info.consecutive_failed = 0;
+                info.last_error = None;
+                if info.consecutive_ok >= healthy_after || self.health() == Health::Unknown {
+                    self.health.store(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                info.consecutive_failed = info.consecutive_failed.saturating_add(1);
+                info.consecutive_ok = 0;
+                info.last_error = Some(e);
+                if info.consecutive_failed >= unhealthy_after {
+                    self.health.store(2, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// One request's claim on a backend: its in-flight slot and breaker admission.
+/// Report `success` or `failure`; dropping it unsettled counts as neither.
+#[derive(Debug)]
+pub struct Attempt {
+    backend: Arc<Backend>,
+    admission: Admission,
+    settled: bool,
+}
+
+impl Attempt {
+    /// The backend this attempt goes to.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    /// The backend did its job.
+    pub fn success(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            self.backend.breaker.on_success();
+        }
+    }
+
+    /// The backend failed; counts towards ejection.
+    pub fn failure(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            if self.backend.breaker.on_failure(Instant::now()) {
+                tracing::warn!(backend = %self.backend.name, "circuit opened: backend ejected");
+            }
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.backend.breaker.on_abandoned(self.admission);
+        }
+        self.backend.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

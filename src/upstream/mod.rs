@@ -1,0 +1,19 @@
+//! Backends: their live state, the balancer that picks one, and the health prober.
+
+pub mod backend;
+pub mod balancer;
+pub mod breaker;
+pub mod prober;
+
+pub use backend::{Attempt, Backend, Health};
+
+use std::sync::Arc;
+
+/// One way to serve a model: a backend and the model name it knows.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Shared backend state (in-flight counts span models).
+    pub backend: Arc<Backend>,
+    /// Name sent upstream instead of the public one.
+    pub upstream_model: Option<String>,
+}

@@ -1,0 +1,63 @@
+//! Active health checks: a background loop that probes every backend and caches the result.
+
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HealthCheckConfig;
+
+use super::Backend;
+
+/// Probes all backends every `interval` until `cancel` fires. The request path only reads
+/// the cached result, so a slow backend never slows a request down.
+pub async fn run(backends: Vec<Arc<Backend>>, cfg: HealthCheckConfig, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let probes = backends.iter().map(|b| async {
+            let result = probe(b, &cfg).await;
+            if let Err(e) = &result
+                && b.health() != super::Health::Unhealthy
+            {
+                tracing::warn!(backend = %b.name, error = %e, "health probe failed");
+            }
+            b.record_probe(result, cfg.healthy_threshold, cfg.unhealthy_threshold);
+        });
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = join_all(probes) => {}
+        }
+    }
+}
+
+async fn probe(backend: &Backend, cfg: &HealthCheckConfig) -> Result<(), String> {
+    let mut request = backend
+        .client
+        .get(backend.url(&cfg.path))
+        .timeout(cfg.timeout);
+    if let Some(key) = backend.api_key() {
+        request = request.bearer_auth(key.expose());
+    }
+    let response = request.send().await.map_err(|e| {
+        if e.is_timeout() {
+            "timed out".to_owned()
+        } else if e.is_connect() {
+            "connection failed".to_owned()
+        } else {
+            "request failed".to_owned()
+        }
+    })?;
+    let status = response.status();
+    // Drain the (small) body so the connection returns to the pool.
+    let _ = response.bytes().await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {}", status.as_u16()))
+    }
+}

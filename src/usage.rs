@@ -1,0 +1,114 @@
+//! Token usage: what upstreams report, merged field-wise, or estimated when they report none.
+
+use serde::Deserialize;
+
+/// A usage object as OpenAI-compatible servers send it; absent fields stay `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: Option<u64>,
+    #[serde(default)]
+    pub completion_tokens: Option<u64>,
+}
+
+impl Usage {
+    /// Field-wise maximum: right for servers that send one final usage object and for those
+    /// that send running totals.
+    pub fn merge(&mut self, other: Usage) {
+        self.prompt_tokens = max_opt(self.prompt_tokens, other.prompt_tokens);
+        self.completion_tokens = max_opt(self.completion_tokens, other.completion_tokens);
+    }
+}
+
+fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Token counts recorded for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    /// True when at least one figure is the gateway's estimate, not the upstream's count.
+    pub estimated: bool,
+}
+
+/// Rough bytes per token for English text and JSON; only used when upstream is silent.
+const BYTES_PER_TOKEN: u64 = 4;
+
+impl Tokens {
+    /// Reported usage where present; otherwise prompt from request size and completion from
+    /// `completion_estimate`, flagged as estimated.
+    pub fn from_usage(usage: Option<Usage>, prompt_bytes: usize, completion_estimate: u64) -> Self {
+        let usage = usage.unwrap_or_default();
+        let prompt = usage.prompt_tokens;
+        let completion = usage.completion_tokens;
+        Self {
+            prompt: prompt.unwrap_or((prompt_bytes as u64).div_ceil(BYTES_PER_TOKEN)),
+            completion: completion.unwrap_or(completion_estimate),
+            estimated: prompt.is_none() || completion.is_none(),
+        }
+    }
+
+    /// Completion estimate for a non-streamed body without usage.
+    pub fn estimate_from_bytes(bytes: usize) -> u64 {
+        (bytes as u64).div_ceil(BYTES_PER_TOKEN)
+    }
+}
+
+/// Extracts `usage` from a complete (non-streamed) JSON response.
+pub fn from_response_body(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct WithUsage {
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_takes_fieldwise_max() {
+        let mut u = Usage {
+            prompt_tokens: Some(10),
+            completion_tokens: Some(1),
+        };
+        u.merge(Usage {
+            prompt_tokens: None,
+            completion_tokens: Some(7),
+        });
+        assert_eq!(u.prompt_tokens, Some(10));
+        assert_eq!(u.completion_tokens, Some(7));
+    }
+
+    #[test]
+    fn missing_usage_is_estimated_and_flagged() {
+        let t = Tokens::from_usage(None, 41, 5);
+        assert_eq!((t.prompt, t.completion, t.estimated), (11, 5, true));
+        let exact = Tokens::from_usage(
+            Some(Usage {
+                prompt_tokens: Some(3),
+                completion_tokens: Some(4),
+            }),
+            1000,
+            99,
+        );
+        assert_eq!(
+            (exact.prompt, exact.completion, exact.estimated),
+            (3, 4, false)
+        );
+    }
+
+    #[test]
+    fn reads_usage_from_body() {
+        let u = from_response_body(br#"{"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#);
+        assert_eq!(u.unwrap().completion_tokens, Some(2));
+        assert_eq!(from_response_body(br#"{"usage":null}"#), None);
+    }
+}
