@@ -21,11 +21,41 @@ pub const ENV_PREFIX: &str = "LLM_GATEWAY__";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file or an environment override could not be parsed into the schema.
-    #[error("{0}")]
+    #[error("{}", describe(.0))]
     Parse(Box<figment::Error>),
     /// The file parsed but a value is not acceptable.
     #[error("{key}: {reason}")]
     Invalid { key: String, reason: String },
+}
+
+/// One line per problem: `key.path: what is wrong (where it came from)`. Values found under
+/// `api_key` are never echoed: a user who pasted a key there must not see it in logs.
+fn describe(error: &figment::Error) -> String {
+    let lines: Vec<String> = error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_ascii_lowercase();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (in {})", m.name))
+                .unwrap_or_default();
+            let what = if e.path.iter().any(|p| p == "api_key") {
+                "must be { credential = \"name\" }, { file = \"/path\" } or { env = \"VAR\" }; \
+                 the key itself never goes in the config"
+                    .to_owned()
+            } else {
+                e.kind.to_string()
+            };
+            if key.is_empty() {
+                format!("{what}{source}")
+            } else {
+                format!("{key}: {what}{source}")
+            }
+        })
+        .collect();
+    lines.join("; ")
 }
 
 impl ConfigError {

@@ -1,0 +1,350 @@
+//! The real `llm-gateway` binary: commands, config errors, env overrides, credentials and
+//! signals.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use llm_gateway::mock::MockBehavior;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn temp_file(name: &str, content: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "llmgw-cli-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(content.as_bytes())
+        .unwrap();
+    path
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn version_and_help_document_the_commands() {
+    let v = run(&["--version"], &[]);
+    assert!(v.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&v.stdout).trim(),
+        format!("llm-gateway {}", env!("CARGO_PKG_VERSION"))
+    );
+    let h = run(&["--help"], &[]);
+    let text = String::from_utf8_lossy(&h.stdout);
+    for word in [
+        "serve",
+        "check-config",
+        "demo",
+        "mock-upstream",
+        "LLM_GATEWAY__",
+    ] {
+        assert!(text.contains(word), "--help mentions {word}: {text}");
+    }
+    let h = run(&["serve", "--help"], &[]);
+    assert!(String::from_utf8_lossy(&h.stdout).contains("--config"));
+}
+
+#[test]
+fn example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/llm-gateway.toml");
+    let o = run(&["check-config", "--config", example], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok (2 models, 3 backends)"));
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let valid = "[[backends]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:1/v1\"\n[[models]]\nname = \"m\"\nroutes = [{ backend = \"a\" }]\n";
+    let cases: &[(&str, &str)] = &[
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n",
+            "server.bogus: unknown field",
+        ),
+        ("[server]\nlisten = \"not an address\"\n", "server.listen"),
+        (
+            "[upstream]\nretry_budget = \"ten seconds\"\n",
+            "upstream.retry_budget",
+        ),
+        (
+            "[upstream]\nmax_attempts = 0\n",
+            "upstream.max_attempts: must be >= 1",
+        ),
+        ("[logging]\nformat = \"xml\"\n", "logging.format"),
+        (
+            "[[backends]]\nname = \"b\"\nbase_url = \"ftp://x\"\n",
+            "backends[0].base_url",
+        ),
+        (
+            "[[backends]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n",
+            "backends[1].name: \"a\" is used by two backends",
+        ),
+        (
+            "[[backends]]\nname = \"b\"\nbase_url = \"http://x/v1\"\napi_key = \"sk-LEAK\"\n",
+            "backends.0.api_key: must be",
+        ),
+        (
+            "[[models]]\nname = \"n\"\nroutes = [{ backend = \"nope\" }]\n",
+            "models[0].routes[0].backend: no backend named \"nope\"",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let path = temp_file("c.toml", &format!("{extra}\n{valid}"));
+        let o = run(&["check-config", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(1), "{extra}");
+        let err = stderr(&o);
+        assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        assert!(
+            !err.contains("sk-LEAK"),
+            "a secret pasted into the config is not echoed"
+        );
+    }
+    let path = temp_file("c.toml", "[server]\nlisten = \"127.0.0.1:1\"\n");
+    let o = run(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert!(stderr(&o).contains("models: at least one [[models]] entry is required"));
+    let o = run(&["check-config", "--config", "/nonexistent.toml"], &[]);
+    assert!(stderr(&o).contains("no such file"));
+}
+
+#[test]
+fn environment_overrides_are_applied_and_checked() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/llm-gateway.toml");
+    let o = run(
+        &["check-config", "--config", example],
+        &[("LLM_GATEWAY__SERVER__MAX_BODY_BYTES", "0")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("server.max_body_bytes: must be > 0"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        &["check-config", "--config", example],
+        &[("LLM_GATEWAY__UPSTREAM__MAX_ATTEMPTS", "many")],
+    );
+    assert!(
+        stderr(&o).contains("upstream.max_attempts"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A free port (bound then released; the gateway binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_gateway(config: &str, env: &[(&str, &str)]) -> Proc {
+    let path = temp_file("gw.toml", config);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().unwrap())
+}
+
+async fn wait_healthy(port: u16, p: &mut Proc) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client()
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+        {
+            assert_eq!(r.status(), 200);
+            return;
+        }
+        if let Some(status) = p.0.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(p.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("gateway exited with {status}: {err}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn gateway_config(base_url: &str, backend_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n[health_check]\nenabled = false\n{}{}",
+        backend("b", base_url, backend_extra),
+        model("m", &["b"])
+    )
+}
+
+#[tokio::test]
+async fn serve_reads_credentials_and_env_overrides() {
+    let up = mock().await;
+    let creds = temp_file("upstream-key", "sk-from-credential\n");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut gw = spawn_gateway(
+        &gateway_config(
+            &up.base_url(),
+            "api_key = { credential = \"upstream-key\" }",
+        ),
+        &[
+            (
+                "CREDENTIALS_DIRECTORY",
+                creds.parent().unwrap().to_str().unwrap(),
+            ),
+            ("LLM_GATEWAY__SERVER__LISTEN", &listen),
+        ],
+    );
+    wait_healthy(port, &mut gw).await;
+    let r = client()
+        .post(format!("http://{listen}/v1/chat/completions"))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, auth) = up.state.last_request().unwrap();
+    assert_eq!(auth.as_deref(), Some("Bearer sk-from-credential"));
+}
+
+#[test]
+fn serve_fails_clearly_when_a_credential_is_missing() {
+    let path = temp_file(
+        "gw.toml",
+        &gateway_config("http://127.0.0.1:9/v1", "api_key = { credential = \"k\" }"),
+    );
+    let o = Command::new(BIN)
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o)
+            .contains("backends[0].api_key: credential \"k\": $CREDENTIALS_DIRECTORY is not set"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_streams_then_exits_zero() {
+    let up = mock_with(MockBehavior {
+        chunks: 20,
+        chunk_interval: Duration::from_millis(25),
+        ..Default::default()
+    })
+    .await;
+    let port = free_port();
+    let mut gw = spawn_gateway(
+        &gateway_config(&up.base_url(), ""),
+        &[("LLM_GATEWAY__SERVER__LISTEN", &format!("127.0.0.1:{port}"))],
+    );
+    wait_healthy(port, &mut gw).await;
+    let r = client()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    kill(Pid::from_raw(gw.0.id() as i32), Signal::SIGTERM).unwrap();
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "stream completed: {text}"
+    );
+    let status = tokio::task::spawn_blocking(move || gw.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(up.state.completed_streams.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let up = mock_with(MockBehavior {
+        chunks: 1000,
+        chunk_interval: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let port = free_port();
+    let mut gw = spawn_gateway(
+        &gateway_config(&up.base_url(), ""),
+        &[("LLM_GATEWAY__SERVER__LISTEN", &format!("127.0.0.1:{port}"))],
+    );
+    wait_healthy(port, &mut gw).await;
+    let r = client()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    let pid = Pid::from_raw(gw.0.id() as i32);
+    kill(pid, Signal::SIGTERM).unwrap();
+    // Still draining: the 100 s stream keeps flowing.
+    body.next().await.unwrap().unwrap();
+    assert!(
+        gw.0.try_wait().unwrap().is_none(),
+        "first signal drains, does not exit"
+    );
+    kill(pid, Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || {
+            let s = gw.0.wait().unwrap();
+            std::mem::forget(gw);
+            s
+        }),
+    )
+    .await
+    .expect("second signal exits without waiting for the stream")
+    .unwrap();
+    assert_eq!(status.code(), Some(1));
+}

@@ -1,0 +1,156 @@
+//! Test support: a gateway on port 0 in this process, mock upstreams, and waiting helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use llm_gateway::mock::{MockBehavior, MockUpstream};
+use llm_gateway::{Config, Listeners, ServeError};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A gateway serving on 127.0.0.1:0 until stopped or dropped.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Gateway {
+    /// Starts a gateway from a TOML config (its listen addresses are replaced by port 0).
+    pub async fn start(toml: &str) -> Self {
+        Self::start_with(toml, false).await
+    }
+
+    /// Like `start`, optionally with a separate metrics listener.
+    pub async fn start_with(toml: &str, metrics_listener: bool) -> Self {
+        let config = Config::from_toml(toml).expect("test config is valid");
+        let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = if metrics_listener {
+            Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
+        let addr = api.local_addr().unwrap();
+        let metrics_addr = metrics.as_ref().map(|m| m.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(llm_gateway::serve(
+            config,
+            Listeners { api, metrics },
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            addr,
+            metrics_addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Signals shutdown; returns the serve task to await.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<Result<(), ServeError>> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("gateway already stopped")
+    }
+
+    /// Shuts down and waits for `serve` to return.
+    pub async fn stop(mut self) {
+        let task = self.begin_shutdown();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("gateway stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A mock upstream with default behaviour.
+pub async fn mock() -> MockUpstream {
+    MockUpstream::start(MockBehavior::default()).await.unwrap()
+}
+
+/// A mock upstream with the given behaviour.
+pub async fn mock_with(b: MockBehavior) -> MockUpstream {
+    MockUpstream::start(b).await.unwrap()
+}
+
+/// `[[backends]]` entries for `(name, base_url, extra TOML lines)`.
+pub fn backend(name: &str, base_url: &str, extra: &str) -> String {
+    format!("[[backends]]\nname = \"{name}\"\nbase_url = \"{base_url}\"\n{extra}\n")
+}
+
+/// A model routed to the named backends.
+pub fn model(name: &str, backends: &[&str]) -> String {
+    let routes: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ backend = \"{b}\" }}"))
+        .collect();
+    format!(
+        "[[models]]\nname = \"{name}\"\nroutes = [{}]\n",
+        routes.join(", ")
+    )
+}
+
+/// Config with one model "m" on the given mocks (backends named b0, b1, ...).
+/// Health checks off unless `extra` turns them on.
+pub fn config_for(mocks: &[&MockUpstream], extra: &str) -> String {
+    let mut s = String::from(extra);
+    s.push_str("\n[health_check]\nenabled = false\n");
+    let names: Vec<String> = (0..mocks.len()).map(|i| format!("b{i}")).collect();
+    for (i, m) in mocks.iter().enumerate() {
+        s.push_str(&backend(&names[i], &m.base_url(), ""));
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    s.push_str(&model("m", &refs));
+    s
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+pub fn chat_body(stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": "m",
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hello"}],
+    })
+}
+
+/// Polls `cond` until true, failing after `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads a metric sample value from Prometheus text (`name{labels} value`).
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -1,0 +1,393 @@
+//! Operations: health, readiness, metrics, request ids, limits, socket behaviour, shutdown.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use llm_gateway::mock::MockBehavior;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn health_and_ready_report_state() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let h: Value = client()
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["version"], env!("CARGO_PKG_VERSION"));
+    assert!(h["uptime_seconds"].is_u64());
+    assert_eq!(h["backends"][0]["name"], "b0");
+    assert_eq!(h["backends"][0]["circuit"], "closed");
+    assert_eq!(
+        h["backends"][0]["health"], "unknown",
+        "probing is off in this config"
+    );
+    let r = client().get(gw.url("/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_with_fixed_labels() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let c = client();
+    let ok = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let unknown = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model":"user-chosen-name-xyz","messages":[]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let r = c.get(gw.url("/metrics")).send().await.unwrap();
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .contains("text")
+    );
+    let m = r.text().await.unwrap();
+    let ok_series = "llm_gateway_requests_total{endpoint=\"chat_completions\",model=\"m\",backend=\"b0\",status=\"200\"}";
+    assert_eq!(metric(&m, ok_series), Some(1.0), "{m}");
+    let nf_series = "llm_gateway_requests_total{endpoint=\"chat_completions\",model=\"none\",backend=\"none\",status=\"404\"}";
+    assert_eq!(metric(&m, nf_series), Some(1.0), "{m}");
+    assert!(
+        !m.contains("user-chosen-name-xyz"),
+        "no user input in labels"
+    );
+    assert_eq!(metric(&m, "llm_gateway_in_flight_requests"), Some(0.0));
+    assert_eq!(
+        metric(&m, "llm_gateway_backend_up{backend=\"b0\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "llm_gateway_backend_circuit_open{backend=\"b0\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_request_duration_seconds_count{model=\"m\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_tokens_total{model=\"m\",kind=\"completion\"}"
+        ),
+        Some(8.0)
+    );
+    let build = format!(
+        "llm_gateway_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(metric(&m, &build), Some(1.0));
+}
+
+#[tokio::test]
+async fn streaming_records_time_to_first_token() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    r.bytes().await.unwrap();
+    let m = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_time_to_first_token_seconds_count{model=\"m\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn metrics_can_have_their_own_listener() {
+    let up = mock().await;
+    let gw = Gateway::start_with(&config_for(&[&up], ""), true).await;
+    let on_api = client().get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(on_api.status(), 404);
+    let own = format!("http://{}/metrics", gw.metrics_addr.unwrap());
+    let r = client().get(own).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("llm_gateway_build_info"));
+}
+
+#[tokio::test]
+async fn request_id_is_echoed_or_generated() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let c = client();
+    let r = c
+        .get(gw.url("/health"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let r = c
+        .get(gw.url("/health"))
+        .header("x-request-id", "x".repeat(500))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-request-id"].len(),
+        36,
+        "overlong ids are replaced"
+    );
+}
+
+#[tokio::test]
+async fn excess_requests_are_shed_with_503() {
+    let up = mock_with(MockBehavior {
+        delay: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&config_for(
+        &[&up],
+        "[server]\nmax_concurrent_requests = 1\n",
+    ))
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let first =
+        tokio::spawn(async move { client().post(url).json(&chat_body(false)).send().await });
+    wait_for("first request upstream", Duration::from_secs(10), || {
+        up.state.requests.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded");
+    // Operational endpoints are not shed.
+    assert_eq!(
+        client()
+            .get(gw.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    first.abort();
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(
+        &[&up],
+        "[server]\nheader_read_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The server must end the connection; without the timeout this read would block.
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "connection with incomplete headers was not closed"
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[tokio::test]
+async fn slow_body_is_cut_off_with_408() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(
+        &[&up],
+        "[server]\nbody_read_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+/// Reads one chunked HTTP/1.1 response from `s` (up to the terminating chunk).
+async fn read_chunked_response(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 8192];
+    while !buf.ends_with(b"\r\n0\r\n\r\n") {
+        let n = s.read(&mut tmp).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed early: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    String::from_utf8(buf).unwrap()
+}
+
+#[tokio::test]
+async fn streams_over_a_reused_connection_do_not_stall() {
+    // Nagle's algorithm plus delayed ACKs stalls each streamed response on a reused
+    // keep-alive connection by ~40 ms. TCP_NODELAY on both sides must prevent it.
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let body = serde_json::to_string(&chat_body(true)).unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut times = Vec::new();
+    for i in 0..21 {
+        let t = Instant::now();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let response = read_chunked_response(&mut s).await;
+        assert!(response.contains("data: [DONE]"), "{response}");
+        if i > 0 {
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    assert!(
+        median < Duration::from_millis(20),
+        "median streamed response on a reused connection took {median:?} (Nagle stall?): {times:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_streams_and_refuses_new_connections() {
+    let up = mock_with(MockBehavior {
+        chunks: 20,
+        chunk_interval: Duration::from_millis(25),
+        ..Default::default()
+    })
+    .await;
+    let mut gw = Gateway::start(&config_for(&[&up], "")).await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let serving = gw.begin_shutdown();
+    // New connections are refused once shutdown began.
+    wait_for_refused(gw.addr).await;
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "stream completed during drain: {text}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(up.state.completed_streams.load(Ordering::Relaxed), 1);
+}
+
+async fn wait_for_refused(addr: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listener still accepting"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_deadline_cuts_streams_that_run_too_long() {
+    let up = mock_with(MockBehavior {
+        chunks: 1000,
+        chunk_interval: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let mut gw = Gateway::start(&config_for(
+        &[&up],
+        "[server]\nshutdown_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    let serving = gw.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // The client's stream ends (cut) instead of running for 100 s.
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = body.next().await {}
+    })
+    .await;
+    assert!(rest.is_ok());
+    wait_for("upstream cancelled", Duration::from_secs(10), || {
+        up.state.cancelled_streams.load(Ordering::Relaxed) == 1
+    })
+    .await;
+}

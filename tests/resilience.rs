@@ -1,0 +1,539 @@
+//! Routing under failure: failover, attempt bounds, breaker, prober, stale connections,
+//! timeouts and cancellation, against mock upstreams on real sockets.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use llm_gateway::mock::MockBehavior;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn requests(m: &llm_gateway::mock::MockUpstream) -> u64 {
+    m.state.requests.load(Ordering::Relaxed)
+}
+
+async fn chat(gw: &Gateway, stream: bool) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(stream))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn health(gw: &Gateway) -> Value {
+    client()
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn backend_field(h: &Value, name: &str, field: &str) -> String {
+    h["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .map(|b| b[field].as_str().unwrap_or("").to_owned())
+        .unwrap()
+}
+
+/// A base URL where nothing listens.
+async fn dead_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn fails_over_when_a_backend_refuses_connections() {
+    let good = mock().await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}{}",
+        backend("dead", &dead_url().await, ""),
+        backend("good", &good.base_url(), ""),
+        model("m", &["dead", "good"])
+    );
+    let gw = Gateway::start(&toml).await;
+    for stream in [false, true] {
+        for _ in 0..30 {
+            let r = chat(&gw, stream).await;
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }
+    }
+    let m = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let connect_errors = metric(
+        &m,
+        "llm_gateway_upstream_errors_total{backend=\"dead\",kind=\"connect\"}",
+    );
+    assert!(
+        connect_errors.unwrap_or(0.0) >= 1.0,
+        "the dead backend was tried: {m}"
+    );
+    assert_eq!(requests(&good), 60);
+}
+
+#[tokio::test]
+async fn fails_over_on_5xx_and_429_before_the_first_byte() {
+    for status in [500u16, 503, 429] {
+        let bad = mock_with(MockBehavior {
+            fail_status: Some(status),
+            ..Default::default()
+        })
+        .await;
+        let good = mock().await;
+        let gw = Gateway::start(&config_for(&[&bad, &good], "")).await;
+        for i in 0..30 {
+            let r = chat(&gw, i % 2 == 0).await;
+            assert_eq!(r.status(), 200, "status {status}");
+            r.bytes().await.unwrap();
+        }
+        assert!(requests(&bad) >= 1, "{status}: bad backend was tried");
+        assert_eq!(requests(&good), 30);
+    }
+}
+
+#[tokio::test]
+async fn attempts_are_bounded() {
+    let mocks = [
+        mock_with(MockBehavior {
+            fail_status: Some(502),
+            ..Default::default()
+        })
+        .await,
+        mock_with(MockBehavior {
+            fail_status: Some(502),
+            ..Default::default()
+        })
+        .await,
+        mock_with(MockBehavior {
+            fail_status: Some(502),
+            ..Default::default()
+        })
+        .await,
+    ];
+    let refs: Vec<_> = mocks.iter().collect();
+    let gw = Gateway::start(&config_for(&refs, "[upstream]\nmax_attempts = 2\n")).await;
+    let r = chat(&gw, false).await;
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "server_error");
+    assert_eq!(
+        body["error"]["message"], "mock failure 502",
+        "sanitised upstream message"
+    );
+    let total: u64 = mocks.iter().map(requests).sum();
+    assert_eq!(total, 2);
+}
+
+#[tokio::test]
+async fn upstream_429_everywhere_is_passed_on_as_429() {
+    let up = mock_with(MockBehavior {
+        fail_status: Some(429),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let r = chat(&gw, false).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "429");
+}
+
+#[tokio::test]
+async fn no_retry_once_bytes_reached_the_client() {
+    // Paced so the first chunk reaches the gateway (and the client) before the break.
+    let b = MockBehavior {
+        drop_after: Some(2),
+        chunk_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let (m0, m1) = (mock_with(b.clone()).await, mock_with(b).await);
+    let gw = Gateway::start(&config_for(&[&m0, &m1], "")).await;
+    let r = chat(&gw, true).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(
+        events.len(),
+        3,
+        "two chunks, then the gateway's error event: {text}"
+    );
+    assert!(events[2].contains("\"code\":\"stream_broken\""), "{text}");
+    assert_eq!(
+        requests(&m0) + requests(&m1),
+        1,
+        "not retried after the first byte"
+    );
+}
+
+#[tokio::test]
+async fn breaker_ejects_after_consecutive_failures_then_probes_half_open() {
+    let bad = mock_with(MockBehavior {
+        fail_status: Some(500),
+        ..Default::default()
+    })
+    .await;
+    let good = mock().await;
+    let extra = "[circuit_breaker]\nfailure_threshold = 2\nopen_duration = \"1s\"\n";
+    let gw = Gateway::start(&config_for(&[&bad, &good], extra)).await;
+    // Until ejection every request that lands on b0 fails over; keep sending until open.
+    let mut sent = 0;
+    loop {
+        assert_eq!(chat(&gw, false).await.status(), 200);
+        sent += 1;
+        if backend_field(&health(&gw).await, "b0", "circuit") == "open" {
+            break;
+        }
+        assert!(sent < 200, "breaker never opened");
+    }
+    assert_eq!(
+        requests(&bad),
+        2,
+        "opened after exactly failure_threshold failures"
+    );
+    let h = health(&gw).await;
+    assert_eq!(h["status"], "degraded");
+    // While open, b0 gets nothing.
+    let before = requests(&bad);
+    for _ in 0..10 {
+        assert_eq!(chat(&gw, false).await.status(), 200);
+        if backend_field(&health(&gw).await, "b0", "circuit") != "open" {
+            break;
+        }
+    }
+    let open_now = backend_field(&health(&gw).await, "b0", "circuit") == "open";
+    if open_now {
+        assert_eq!(requests(&bad), before);
+    }
+    // Heal it: after the cool-down one probe request goes through and closes the circuit.
+    bad.set(|b| b.fail_status = None);
+    let mut tries = 0;
+    while backend_field(&health(&gw).await, "b0", "circuit") != "closed" {
+        assert_eq!(chat(&gw, false).await.status(), 200);
+        tries += 1;
+        assert!(tries < 2000, "breaker never closed again");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        requests(&bad) > before,
+        "half-open probe reached the backend"
+    );
+}
+
+#[tokio::test]
+async fn prober_marks_backends_unhealthy_and_traffic_avoids_them() {
+    let sick = mock().await;
+    let good = mock().await;
+    let extra = "[health_check]\ninterval = \"50ms\"\nunhealthy_threshold = 1\n";
+    let toml = format!(
+        "{extra}{}{}{}",
+        backend("sick", &sick.base_url(), ""),
+        backend("good", &good.base_url(), ""),
+        model("m", &["sick", "good"])
+    );
+    let gw = Gateway::start(&toml).await;
+    sick.set(|b| b.healthy = false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while backend_field(&health(&gw).await, "sick", "health") != "unhealthy" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never marked unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let h = health(&gw).await;
+    assert_eq!(h["status"], "degraded");
+    assert_eq!(backend_field(&h, "sick", "last_error"), "HTTP 503");
+    let before = requests(&sick);
+    for _ in 0..20 {
+        assert_eq!(chat(&gw, false).await.status(), 200);
+    }
+    assert_eq!(
+        requests(&sick),
+        before,
+        "no traffic to an unhealthy backend"
+    );
+    sick.set(|b| b.healthy = true);
+    while backend_field(&health(&gw).await, "sick", "health") != "healthy" {
+        assert!(
+            tokio::time::Instant::now() < deadline + Duration::from_secs(10),
+            "never healthy again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn all_backends_unhealthy_gives_503_with_retry_after() {
+    let sick = mock_with(MockBehavior {
+        healthy: false,
+        ..Default::default()
+    })
+    .await;
+    let toml = format!(
+        "[health_check]\ninterval = \"50ms\"\nunhealthy_threshold = 1\n{}{}",
+        backend("sick", &sick.base_url(), ""),
+        model("m", &["sick"])
+    );
+    let gw = Gateway::start(&toml).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while backend_field(&health(&gw).await, "sick", "health") != "unhealthy" {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = chat(&gw, false).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_healthy_backend");
+    let ready = client().get(gw.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+}
+
+#[tokio::test]
+async fn health_answers_while_probes_hang() {
+    // A backend that accepts connections and never answers: probes hang until their timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let held2 = Arc::clone(&held);
+    let acceptor = tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            held2.lock().await.push(s);
+        }
+    });
+    let toml = format!(
+        "[health_check]\ninterval = \"20ms\"\ntimeout = \"60s\"\n{}{}",
+        backend("silent", &format!("http://{addr}/v1"), ""),
+        model("m", &["silent"])
+    );
+    let gw = Gateway::start(&toml).await;
+    wait_for("a probe connection", Duration::from_secs(10), || {
+        held.try_lock().map(|h| !h.is_empty()).unwrap_or(false)
+    })
+    .await;
+    // If /health waited on the hanging probe this would take 60 s and hit the 5 s timeout.
+    let r = client()
+        .get(gw.url("/health"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("/health answers while a probe hangs");
+    assert_eq!(r.status(), 200);
+    acceptor.abort();
+}
+
+/// Reads one HTTP/1.1 request (headers and Content-Length body) from `s`; false on EOF.
+async fn read_request(s: &mut TcpStream) -> bool {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte).await {
+            Ok(1) => buf.push(byte[0]),
+            _ => return false,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.is_ok()
+}
+
+#[tokio::test]
+async fn a_stale_pooled_connection_is_retried_once_on_a_fresh_one() {
+    // Connection 1 answers one request with keep-alive, then reads the next request and
+    // closes without answering: what a server closing an idle keep-alive connection does
+    // when the gateway reuses it at the wrong moment. Later connections answer normally.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let conns = Arc::clone(&connections);
+    let server = tokio::spawn(async move {
+        let body = r#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut tasks = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = conns.fetch_add(1, Ordering::SeqCst);
+            let response = response.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut served = 0;
+                while read_request(&mut s).await {
+                    if n == 0 && served == 1 {
+                        return; // drop the connection with the request unanswered
+                    }
+                    s.write_all(response.as_bytes()).await.unwrap();
+                    served += 1;
+                }
+            }));
+        }
+    });
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("flaky", &format!("http://{addr}/v1"), ""),
+        model("m", &["flaky"])
+    );
+    let gw = Gateway::start(&toml).await;
+    assert_eq!(chat(&gw, false).await.status(), 200);
+    let r = chat(&gw, false).await;
+    assert_eq!(
+        r.status(),
+        200,
+        "retried on a fresh connection instead of failing"
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    server.abort();
+}
+
+#[tokio::test]
+async fn non_streaming_upstream_timeout_is_504() {
+    let up = mock_with(MockBehavior {
+        hang: true,
+        ..Default::default()
+    })
+    .await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("slow", &up.base_url(), "request_timeout = \"300ms\""),
+        model("m", &["slow"])
+    );
+    let gw = Gateway::start(&toml).await;
+    let r = chat(&gw, false).await;
+    assert_eq!(r.status(), 504);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn first_token_deadline_is_504_and_fails_over() {
+    let slow = mock_with(MockBehavior {
+        first_chunk_delay: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("slow", &slow.base_url(), "first_token_timeout = \"300ms\""),
+        model("m", &["slow"])
+    );
+    let gw = Gateway::start(&toml).await;
+    let r = chat(&gw, true).await;
+    assert_eq!(r.status(), 504);
+
+    let fast = mock().await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}{}",
+        backend("slow", &slow.base_url(), "first_token_timeout = \"200ms\""),
+        backend("fast", &fast.base_url(), ""),
+        model("m", &["slow", "fast"])
+    );
+    let gw = Gateway::start(&toml).await;
+    for _ in 0..10 {
+        let r = chat(&gw, true).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    }
+}
+
+#[tokio::test]
+async fn idle_stream_is_closed_with_an_error_event() {
+    let up = mock_with(MockBehavior {
+        chunk_interval: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("b", &up.base_url(), "stream_idle_timeout = \"300ms\""),
+        model("m", &["b"])
+    );
+    let gw = Gateway::start(&toml).await;
+    let r = chat(&gw, true).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 2, "{text}");
+    assert!(events[1].contains("stream_idle_timeout"));
+    wait_for("upstream stream dropped", Duration::from_secs(10), || {
+        up.state.cancelled_streams.load(Ordering::Relaxed) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_stream() {
+    let up = mock_with(MockBehavior {
+        chunks: 1000,
+        chunk_interval: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let r = chat(&gw, true).await;
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(body);
+    wait_for("upstream stream cancelled", Duration::from_secs(10), || {
+        up.state.cancelled_streams.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(up.state.completed_streams.load(Ordering::Relaxed), 0);
+    // The backend's in-flight slot is released with the stream.
+    let h = health(&gw).await;
+    assert_eq!(h["backends"][0]["in_flight"], 0);
+}
+
+#[tokio::test]
+async fn a_full_backend_is_skipped_and_503_when_all_are_full() {
+    let up = mock_with(MockBehavior {
+        delay: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("b", &up.base_url(), "max_concurrency = 1"),
+        model("m", &["b"])
+    );
+    let gw = Gateway::start(&toml).await;
+    let url = gw.url("/v1/chat/completions");
+    let first =
+        tokio::spawn(async move { client().post(url).json(&chat_body(false)).send().await });
+    wait_for("first request upstream", Duration::from_secs(10), || {
+        requests(&up) == 1
+    })
+    .await;
+    let r = chat(&gw, false).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "backends_saturated");
+    first.abort();
+}
