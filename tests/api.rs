@@ -1,4 +1,10 @@
 //! The OpenAI-compatible API through the gateway: happy paths and the bad-input table.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "tests: panics are failures, and helpers spawn test servers"
+)]
 
 mod common;
 

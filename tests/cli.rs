@@ -1,4 +1,10 @@
 //! The real `llm-gateway` binary: commands, config errors, env overrides, credentials and
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "tests: panics are failures, and helpers spawn test servers"
+)]
 //! signals.
 
 mod common;

@@ -1,4 +1,10 @@
 //! Operations: health, readiness, metrics, request ids, limits, socket behaviour, shutdown.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "tests: panics are failures, and helpers spawn test servers"
+)]
 
 mod common;
 

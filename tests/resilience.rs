@@ -1,4 +1,10 @@
 //! Routing under failure: failover, attempt bounds, breaker, prober, stale connections,
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "tests: panics are failures, and helpers spawn test servers"
+)]
 //! timeouts and cancellation, against mock upstreams on real sockets.
 
 mod common;

@@ -1,5 +1,5 @@
 //! Test support: a gateway on port 0 in this process, mock upstreams, and waiting helpers.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test crate uses a subset")]
 
 use std::net::SocketAddr;
 use std::time::Duration;
