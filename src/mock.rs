@@ -69,7 +69,18 @@ pub struct MockState {
     pub cancelled_streams: AtomicU64,
     /// Streams sent to the end.
     pub completed_streams: AtomicU64,
-    last_request: Mutex<Option<(Value, Option<String>)>>,
+    last_request: Mutex<Option<SeenRequest>>,
+}
+
+/// What the mock saw of the last generation request.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    /// The JSON body.
+    pub body: Value,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The `x-request-id` header.
+    pub request_id: Option<String>,
 }
 
 impl MockState {
@@ -99,8 +110,8 @@ impl MockState {
         );
     }
 
-    /// The last request body and its `Authorization` header.
-    pub fn last_request(&self) -> Option<(Value, Option<String>)> {
+    /// The last generation request.
+    pub fn last_request(&self) -> Option<SeenRequest> {
         self.last_request
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -197,14 +208,20 @@ async fn begin(
         )
             .into_response()
     })?;
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     *state
         .last_request
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((request.clone(), auth));
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(SeenRequest {
+        body: request.clone(),
+        authorization: text(header::AUTHORIZATION.as_str()),
+        request_id: text("x-request-id"),
+    });
     let b = state.behavior();
     if b.hang {
         std::future::pending::<()>().await;

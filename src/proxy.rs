@@ -111,10 +111,36 @@ struct Record {
     attempts: u32,
     stream: bool,
     ttft: Option<Duration>,
+    finished: bool,
+}
+
+/// Status logged for a client that went away before the answer (nginx's convention).
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        // The handler future was dropped mid-flight: the client disconnected before any
+        // response; the upstream request was cancelled with it.
+        self.finish(
+            CLIENT_CLOSED_REQUEST,
+            None,
+            Some("client_disconnected"),
+            true,
+        );
+    }
 }
 
 impl Record {
-    fn finish(&self, status: u16, tokens: Option<Tokens>, error: Option<&str>, disconnected: bool) {
+    fn finish(
+        &mut self,
+        status: u16,
+        tokens: Option<Tokens>,
+        error: Option<&str>,
+        disconnected: bool,
+    ) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         let duration = self.started.elapsed();
         self.state.metrics.record_request(&RequestSample {
             endpoint: self.endpoint.label(),
@@ -181,9 +207,10 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         attempts: 0,
         stream: false,
         ttft: None,
+        finished: false,
     };
     let Ok(permit) = Arc::clone(&state.limiter).try_acquire_owned() else {
-        return fail(&record, ApiError::Overloaded);
+        return fail(&mut record, ApiError::Overloaded);
     };
     let guards = Guards {
         _permit: permit,
@@ -210,6 +237,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             strip_usage,
             prompt_bytes,
         }) => {
+            let mut record = record;
             let on_end = Box::new(move |summary: StreamSummary| {
                 let _guards = guards;
                 let tokens =
@@ -253,11 +281,11 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
             response
         }
-        Err(error) => fail(&record, error),
+        Err(error) => fail(&mut record, error),
     }
 }
 
-fn fail(record: &Record, error: ApiError) -> Response {
+fn fail(record: &mut Record, error: ApiError) -> Response {
     record.finish(error.status().as_u16(), None, Some(error.kind()), false);
     error.into_response()
 }

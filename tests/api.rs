@@ -37,7 +37,7 @@ async fn chat_completion_non_streaming_passes_through() {
         "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 "
     );
     assert_eq!(body["usage"]["completion_tokens"], 8);
-    let (sent, _) = up.state.last_request().unwrap();
+    let sent = up.state.last_request().unwrap().body;
     assert_eq!(sent["model"], "m");
     assert!(
         sent.get("stream_options").is_none(),
@@ -98,7 +98,7 @@ async fn streaming_strips_the_usage_chunk_the_client_did_not_ask_for() {
         events.iter().all(|e| !e.contains("\"prompt_tokens\"")),
         "usage chunk stripped"
     );
-    let (sent, _) = up.state.last_request().unwrap();
+    let sent = up.state.last_request().unwrap().body;
     assert_eq!(
         sent["stream_options"]["include_usage"], true,
         "gateway asked upstream for usage"
@@ -204,7 +204,8 @@ async fn upstream_model_name_is_rewritten_and_api_key_sent() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let (sent, auth) = up.state.last_request().unwrap();
+    let seen = up.state.last_request().unwrap();
+    let (sent, auth) = (seen.body, seen.authorization);
     assert_eq!(sent["model"], "org/Real-Model-8B");
     assert_eq!(auth.as_deref(), Some("Bearer sk-upstream-secret"));
     std::fs::remove_dir_all(dir).unwrap();

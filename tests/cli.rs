@@ -249,7 +249,7 @@ async fn serve_reads_credentials_and_env_overrides() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let (_, auth) = up.state.last_request().unwrap();
+    let auth = up.state.last_request().unwrap().authorization;
     assert_eq!(auth.as_deref(), Some("Bearer sk-from-credential"));
 }
 
@@ -353,4 +353,64 @@ async fn a_second_signal_exits_at_once() {
     .expect("second signal exits without waiting for the stream")
     .unwrap();
     assert_eq!(status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn one_structured_log_event_per_request_without_prompts_or_keys() {
+    let up = mock().await;
+    let port = free_port();
+    let mut gw = spawn_gateway(
+        &gateway_config(&up.base_url(), ""),
+        &[
+            ("LLM_GATEWAY__SERVER__LISTEN", &format!("127.0.0.1:{port}")),
+            ("LLM_GATEWAY__LOGGING__FORMAT", "json"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    wait_healthy(port, &mut gw).await;
+    let body = serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "SECRET-PROMPT-MARKER"}],
+    });
+    let r = client()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("authorization", "Bearer sk-CLIENT-KEY-MARKER")
+        .header("x-request-id", "log-test-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    kill(Pid::from_raw(gw.0.id() as i32), Signal::SIGTERM).unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        let child = std::mem::replace(&mut gw.0, Command::new("true").spawn().unwrap());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success());
+    let log = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        !log.contains("SECRET-PROMPT-MARKER"),
+        "prompt logged: {log}"
+    );
+    assert!(
+        !log.contains("CLIENT-KEY-MARKER"),
+        "authorization logged: {log}"
+    );
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|e: &serde_json::Value| e["message"] == "request finished")
+        .collect();
+    assert_eq!(events.len(), 1, "{log}");
+    let e = &events[0];
+    assert_eq!(e["span"]["request_id"], "log-test-1", "{e}");
+    assert_eq!(e["model"], "m");
+    assert_eq!(e["backend"], "b");
+    assert_eq!(e["status"], 200);
+    assert_eq!(e["completion_tokens"], 8);
+    assert_eq!(e["tokens_estimated"], false);
+    assert!(e["latency_ms"].as_f64().unwrap() > 0.0);
 }

@@ -193,23 +193,20 @@ async fn no_retry_once_bytes_reached_the_client() {
 }
 
 #[tokio::test]
-async fn breaker_ejects_after_consecutive_failures_then_probes_half_open() {
+async fn breaker_ejects_after_consecutive_failures() {
     let bad = mock_with(MockBehavior {
         fail_status: Some(500),
         ..Default::default()
     })
     .await;
     let good = mock().await;
-    let extra = "[circuit_breaker]\nfailure_threshold = 2\nopen_duration = \"1s\"\n";
+    let extra = "[circuit_breaker]\nfailure_threshold = 2\nopen_duration = \"1h\"\n";
     let gw = Gateway::start(&config_for(&[&bad, &good], extra)).await;
-    // Until ejection every request that lands on b0 fails over; keep sending until open.
+    // Every request that lands on b0 fails over to b1; keep sending until b0 is ejected.
     let mut sent = 0;
-    loop {
+    while backend_field(&health(&gw).await, "b0", "circuit") != "open" {
         assert_eq!(chat(&gw, false).await.status(), 200);
         sent += 1;
-        if backend_field(&health(&gw).await, "b0", "circuit") == "open" {
-            break;
-        }
         assert!(sent < 200, "breaker never opened");
     }
     assert_eq!(
@@ -217,32 +214,50 @@ async fn breaker_ejects_after_consecutive_failures_then_probes_half_open() {
         2,
         "opened after exactly failure_threshold failures"
     );
-    let h = health(&gw).await;
-    assert_eq!(h["status"], "degraded");
-    // While open, b0 gets nothing.
-    let before = requests(&bad);
-    for _ in 0..10 {
+    assert_eq!(health(&gw).await["status"], "degraded");
+    for _ in 0..20 {
         assert_eq!(chat(&gw, false).await.status(), 200);
-        if backend_field(&health(&gw).await, "b0", "circuit") != "open" {
-            break;
-        }
     }
-    let open_now = backend_field(&health(&gw).await, "b0", "circuit") == "open";
-    if open_now {
-        assert_eq!(requests(&bad), before);
+    assert_eq!(requests(&bad), 2, "no traffic while the circuit is open");
+    let m = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, "llm_gateway_backend_circuit_open{backend=\"b0\"}"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn half_open_probe_closes_the_circuit_when_the_backend_recovered() {
+    let bad = mock_with(MockBehavior {
+        fail_status: Some(500),
+        ..Default::default()
+    })
+    .await;
+    let good = mock().await;
+    let extra = "[circuit_breaker]\nfailure_threshold = 1\nopen_duration = \"200ms\"\n";
+    let gw = Gateway::start(&config_for(&[&bad, &good], extra)).await;
+    while requests(&bad) == 0 {
+        assert_eq!(chat(&gw, false).await.status(), 200);
     }
-    // Heal it: after the cool-down one probe request goes through and closes the circuit.
+    assert_ne!(backend_field(&health(&gw).await, "b0", "circuit"), "closed");
     bad.set(|b| b.fail_status = None);
+    // After the cool-down one probe request goes to b0; its success closes the circuit.
     let mut tries = 0;
     while backend_field(&health(&gw).await, "b0", "circuit") != "closed" {
         assert_eq!(chat(&gw, false).await.status(), 200);
         tries += 1;
-        assert!(tries < 2000, "breaker never closed again");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(tries < 5000, "breaker never closed again");
     }
     assert!(
-        requests(&bad) > before,
-        "half-open probe reached the backend"
+        requests(&bad) >= 2,
+        "the half-open probe reached the backend"
     );
 }
 
@@ -542,4 +557,124 @@ async fn a_full_backend_is_skipped_and_503_when_all_are_full() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "backends_saturated");
     first.abort();
+}
+
+#[tokio::test]
+async fn no_new_attempt_after_the_retry_budget() {
+    let slow_fail = MockBehavior {
+        delay: Duration::from_millis(300),
+        fail_status: Some(500),
+        ..Default::default()
+    };
+    let mocks = [
+        mock_with(slow_fail.clone()).await,
+        mock_with(slow_fail).await,
+    ];
+    let refs: Vec<_> = mocks.iter().collect();
+    let gw = Gateway::start(&config_for(
+        &refs,
+        "[upstream]\nmax_attempts = 2\nretry_budget = \"100ms\"\n",
+    ))
+    .await;
+    assert_eq!(chat(&gw, false).await.status(), 502);
+    let total: u64 = mocks.iter().map(requests).sum();
+    assert_eq!(total, 1, "the first attempt used up the budget");
+}
+
+#[tokio::test]
+async fn traffic_follows_backend_weights() {
+    let (heavy, light) = (mock().await, mock().await);
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}{}",
+        backend("heavy", &heavy.base_url(), "weight = 3"),
+        backend("light", &light.base_url(), "weight = 1"),
+        model("m", &["heavy", "light"])
+    );
+    let gw = Gateway::start(&toml).await;
+    for _ in 0..400 {
+        assert_eq!(chat(&gw, false).await.status(), 200);
+    }
+    let share = requests(&heavy) as f64 / 400.0;
+    // Expected 0.75; the band is more than 4 standard deviations wide.
+    assert!((0.65..=0.85).contains(&share), "heavy got {share}");
+    assert_eq!(requests(&heavy) + requests(&light), 400);
+}
+
+#[tokio::test]
+async fn less_loaded_backend_wins_under_concurrency() {
+    // One backend holds requests for a long time, the other answers at once: with
+    // least-in-flight selection, nearly all concurrent requests go to the free one.
+    let stuck = mock_with(MockBehavior {
+        delay: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let free = mock().await;
+    let gw = Gateway::start(&config_for(&[&stuck, &free], "")).await;
+    let url = gw.url("/v1/chat/completions");
+    let mut held = Vec::new();
+    // Load the stuck backend until it holds 3 requests.
+    while requests(&stuck) < 3 {
+        let url = url.clone();
+        held.push(tokio::spawn(async move {
+            client().post(url).json(&chat_body(false)).send().await
+        }));
+        let before = requests(&stuck) + requests(&free);
+        wait_for("request arrived upstream", Duration::from_secs(10), || {
+            requests(&stuck) + requests(&free) > before
+        })
+        .await;
+    }
+    let before = requests(&stuck);
+    for _ in 0..50 {
+        assert_eq!(chat(&gw, false).await.status(), 200);
+    }
+    assert_eq!(
+        requests(&stuck),
+        before,
+        "the loaded backend got no new request"
+    );
+    for h in held {
+        h.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_answer_is_counted_as_499() {
+    let up = mock_with(MockBehavior {
+        delay: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .timeout(Duration::from_millis(300))
+        .json(&chat_body(false))
+        .send()
+        .await;
+    assert!(r.is_err(), "client gave up");
+    let series = "llm_gateway_requests_total{endpoint=\"chat_completions\",model=\"m\",backend=\"b0\",status=\"499\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = client()
+            .get(gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric(&m, series) == Some(1.0) {
+            assert_eq!(metric(&m, "llm_gateway_in_flight_requests"), Some(0.0));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no 499 recorded: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h = health(&gw).await;
+    assert_eq!(h["backends"][0]["in_flight"], 0, "backend slot released");
 }
