@@ -181,19 +181,27 @@ struct Guards {
 
 /// A successful upstream answer, before it becomes a response.
 enum Reply {
+    /// The whole body (non-streaming, or a backend that answered a stream request in one).
     Full {
         content_type: HeaderValue,
         body: Bytes,
-        tokens: Tokens,
     },
+    /// A stream whose first bytes arrived; the attempt stays open until it ends.
     Stream {
         first: Bytes,
         upstream: BoxStream<'static, reqwest::Result<Bytes>>,
         attempt: Attempt,
         idle_timeout: Duration,
-        strip_usage: bool,
-        prompt_bytes: usize,
     },
+}
+
+/// A reply with what the response side needs to know about the request.
+struct Proxied {
+    reply: Reply,
+    /// The usage chunk was requested by the gateway, not the client: remove it.
+    strip_usage: bool,
+    /// Request body size, for estimating prompt tokens.
+    prompt_bytes: usize,
 }
 
 async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> Response {
@@ -216,12 +224,21 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         _permit: permit,
         _in_flight: state.metrics.in_flight(),
     };
-    match proxy(&state, endpoint, request, &mut record).await {
-        Ok(Reply::Full {
-            content_type,
-            body,
-            tokens,
-        }) => {
+    let Proxied {
+        reply,
+        strip_usage,
+        prompt_bytes,
+    } = match proxy(&state, endpoint, request, &mut record).await {
+        Ok(proxied) => proxied,
+        Err(error) => return fail(&mut record, error),
+    };
+    match reply {
+        Reply::Full { content_type, body } => {
+            let tokens = Tokens::from_usage(
+                usage::from_response_body(&body),
+                prompt_bytes,
+                Tokens::estimate_from_bytes(body.len()),
+            );
             record.finish(200, Some(tokens), None, false);
             let mut response = Response::new(Body::from(body));
             response
@@ -229,14 +246,12 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
                 .insert(header::CONTENT_TYPE, content_type);
             response
         }
-        Ok(Reply::Stream {
+        Reply::Stream {
             first,
             upstream,
             mut attempt,
             idle_timeout,
-            strip_usage,
-            prompt_bytes,
-        }) => {
+        } => {
             let mut record = record;
             let on_end = Box::new(move |summary: StreamSummary| {
                 let _guards = guards;
@@ -281,7 +296,6 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
             response
         }
-        Err(error) => fail(&mut record, error),
     }
 }
 
@@ -296,7 +310,7 @@ async fn proxy(
     endpoint: Endpoint,
     request: Request,
     record: &mut Record,
-) -> Result<Reply, ApiError> {
+) -> Result<Proxied, ApiError> {
     let request_id = request
         .extensions()
         .get::<RequestId>()
@@ -390,37 +404,10 @@ async fn proxy(
         match call.send(attempt, body).await {
             Ok((reply, ttft)) => {
                 record.ttft = ttft;
-                return Ok(match reply {
-                    Reply::Stream {
-                        first,
-                        upstream,
-                        attempt,
-                        idle_timeout,
-                        ..
-                    } => Reply::Stream {
-                        first,
-                        upstream,
-                        attempt,
-                        idle_timeout,
-                        strip_usage,
-                        prompt_bytes,
-                    },
-                    Reply::Full {
-                        content_type,
-                        body,
-                        tokens: _,
-                    } => {
-                        let tokens = Tokens::from_usage(
-                            usage::from_response_body(&body),
-                            prompt_bytes,
-                            Tokens::estimate_from_bytes(body.len()),
-                        );
-                        Reply::Full {
-                            content_type,
-                            body,
-                            tokens,
-                        }
-                    }
+                return Ok(Proxied {
+                    reply,
+                    strip_usage,
+                    prompt_bytes,
                 });
             }
             Err(failure) => {
@@ -611,8 +598,6 @@ impl Call<'_> {
                             upstream,
                             attempt,
                             idle_timeout,
-                            strip_usage: false,
-                            prompt_bytes: 0,
                         },
                         Some(ttft),
                     ))
@@ -623,14 +608,7 @@ impl Call<'_> {
         match read_capped(response, RESPONSE_LIMIT, body_deadline).await {
             Ok(body) => {
                 attempt.success();
-                Ok((
-                    Reply::Full {
-                        content_type,
-                        body,
-                        tokens: Tokens::default(),
-                    },
-                    None,
-                ))
+                Ok((Reply::Full { content_type, body }, None))
             }
             Err(ReadError::Timeout) => {
                 attempt.failure();
