@@ -104,7 +104,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Largest accepted request body in bytes (413 beyond).
     pub max_body_bytes: usize,
-    /// Time a client has to send the request headers (slowloris guard).
+    /// Time a client has to send the request headers (slowloris guard); also how long an
+    /// idle keep-alive connection is kept.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Time a client has to send the whole request body after its headers.

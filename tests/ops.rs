@@ -397,3 +397,31 @@ async fn shutdown_deadline_cuts_streams_that_run_too_long() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(
+        &[&up],
+        "[server]\nheader_read_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Then silence: the server closes the idle connection instead of holding it forever.
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle keep-alive connection stayed open");
+}
