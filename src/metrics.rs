@@ -1,8 +1,10 @@
 //! Prometheus metrics: one registry per gateway instance, labels only from fixed sets.
 
+use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,34 +16,51 @@ use crate::upstream::{Backend, Health};
 /// Label value for requests that matched no configured model or reached no backend.
 pub const NONE: &str = "none";
 
+/// A label value shared with the configuration: cloning it is a reference count, not an
+/// allocation, so recording a request allocates nothing once its series exists.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(pub Arc<str>);
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+impl Label {
+    fn of(value: Option<&Arc<str>>, none: &Label) -> Self {
+        value.map_or_else(|| none.clone(), |v| Label(Arc::clone(v)))
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     endpoint: &'static str,
-    model: String,
-    backend: String,
+    model: Label,
+    backend: Label,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
-    model: String,
+    model: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
-    model: String,
+    model: Label,
     kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamErrorLabels {
-    backend: String,
+    backend: Label,
     kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
-    backend: String,
+    backend: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +87,7 @@ pub struct Metrics {
     backend_up: Family<BackendLabels, Gauge>,
     backend_ejected: Family<BackendLabels, Gauge>,
     backend_in_flight: Family<BackendLabels, Gauge>,
+    none: Label,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,8 +100,8 @@ impl std::fmt::Debug for Metrics {
 #[derive(Debug)]
 pub struct RequestSample<'a> {
     pub endpoint: &'static str,
-    pub model: Option<&'a str>,
-    pub backend: Option<&'a str>,
+    pub model: Option<&'a Arc<str>>,
+    pub backend: Option<&'a Arc<str>>,
     pub status: u16,
     pub duration: Duration,
     pub ttft: Option<Duration>,
@@ -166,17 +186,18 @@ impl Metrics {
             backend_up,
             backend_ejected,
             backend_in_flight,
+            none: Label(Arc::from(NONE)),
         }
     }
 
     /// Counts one answered request.
     pub fn record_request(&self, s: &RequestSample<'_>) {
-        let model = s.model.unwrap_or(NONE).to_owned();
+        let model = Label::of(s.model, &self.none);
         self.requests
             .get_or_create(&RequestLabels {
                 endpoint: s.endpoint,
                 model: model.clone(),
-                backend: s.backend.unwrap_or(NONE).to_owned(),
+                backend: Label::of(s.backend, &self.none),
                 status: s.status,
             })
             .inc();
@@ -203,10 +224,10 @@ impl Metrics {
     }
 
     /// Counts one failed upstream attempt.
-    pub fn upstream_error(&self, backend: &str, kind: &'static str) {
+    pub fn upstream_error(&self, backend: &Arc<str>, kind: &'static str) {
         self.upstream_errors
             .get_or_create(&UpstreamErrorLabels {
-                backend: backend.to_owned(),
+                backend: Label(Arc::clone(backend)),
                 kind,
             })
             .inc();
@@ -219,10 +240,10 @@ impl Metrics {
     }
 
     /// Prometheus text exposition, with backend gauges read fresh.
-    pub fn render(&self, backends: &[std::sync::Arc<Backend>]) -> String {
+    pub fn render(&self, backends: &[Arc<Backend>]) -> String {
         for b in backends {
             let labels = BackendLabels {
-                backend: b.name.to_string(),
+                backend: Label(Arc::clone(&b.name)),
             };
             self.backend_up
                 .get_or_create(&labels)

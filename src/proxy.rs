@@ -144,8 +144,8 @@ impl Record {
         let duration = self.started.elapsed();
         self.state.metrics.record_request(&RequestSample {
             endpoint: self.endpoint.label(),
-            model: self.model.as_deref(),
-            backend: self.backend.as_deref(),
+            model: self.model.as_ref(),
+            backend: self.backend.as_ref(),
             status,
             duration,
             ttft: self.ttft,
@@ -500,12 +500,14 @@ impl Call<'_> {
             } else {
                 backend.timeouts.request
             };
-        let url = backend.url(self.endpoint.path());
+        let url = backend
+            .endpoint_url(self.endpoint.path())
+            .map_err(|_| Failure::last(ApiError::UpstreamInvalid, "bad_url"))?;
         let mut stale_retry = true;
         let response = loop {
             let mut request = backend
                 .client
-                .post(&url)
+                .post(url.clone())
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(REQUEST_ID_HEADER, self.request_id.clone())
                 .body(body.clone());

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use tokio::time::{Instant, Sleep};
@@ -58,6 +58,8 @@ pub struct Relay {
     scanner: SseScanner,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
+    /// How the upstream ended, noticed while a batch was still to be sent.
+    deferred: Option<StreamEnd>,
     on_end: Option<OnEnd>,
 }
 
@@ -86,6 +88,7 @@ impl Relay {
             scanner,
             idle_timeout,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            deferred: None,
             on_end: Some(on_end),
         }
     }
@@ -100,9 +103,15 @@ impl Relay {
         }
     }
 
-    /// Ends with an error event the client's SDK will surface.
-    fn fail(&mut self, end: StreamEnd, message: &str) -> Option<Bytes> {
+    /// Ends the stream: nothing more after a complete one, an error event the client's
+    /// SDK will surface after a broken one.
+    fn finish_with(&mut self, end: StreamEnd) -> Option<Bytes> {
         self.end(end);
+        let message = match end {
+            StreamEnd::Complete | StreamEnd::ClientGone => return None,
+            StreamEnd::UpstreamBroken => "The upstream server broke off the stream.",
+            StreamEnd::IdleTimeout => "The upstream server stopped sending; stream closed.",
+        };
         let code = end.error_kind().unwrap_or("upstream_error");
         let event = format!(
             "data: {{\"error\":{{\"message\":\"{message}\",\"type\":\"server_error\",\"param\":null,\"code\":\"{code}\"}}}}\n\n"
@@ -111,51 +120,99 @@ impl Relay {
     }
 }
 
+/// Most bytes gathered into one write when upstream chunks arrive together.
+const MAX_BATCH: usize = 64 * 1024;
+
+/// Output gathered in one poll: one chunk is passed on as is, several are joined.
+#[derive(Default)]
+struct Batch {
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Batch {
+    fn add(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        match (&mut self.first, &mut self.joined) {
+            (None, _) => self.first = Some(bytes),
+            (Some(first), None) => {
+                let mut joined = BytesMut::with_capacity(first.len() + bytes.len());
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&bytes);
+                self.joined = Some(joined);
+            }
+            (Some(_), Some(joined)) => joined.extend_from_slice(&bytes),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match (&self.first, &self.joined) {
+            (_, Some(j)) => j.len(),
+            (Some(f), None) => f.len(),
+            (None, None) => 0,
+        }
+    }
+
+    fn take(self) -> Option<Bytes> {
+        match (self.first, self.joined) {
+            (_, Some(j)) => Some(j.freeze()),
+            (first, None) => first,
+        }
+    }
+}
+
 impl Stream for Relay {
     type Item = Result<Bytes, std::io::Error>;
 
+    /// Passes on every event that is ready now, joined into one chunk, so a burst of tokens
+    /// costs one write to the client instead of one each; never waits to fill a batch.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        loop {
-            if this.on_end.is_none() {
-                return Poll::Ready(None);
+        if let Some(end) = this.deferred.take() {
+            return Poll::Ready(this.finish_with(end).map(Ok));
+        }
+        if this.on_end.is_none() {
+            return Poll::Ready(None);
+        }
+        let mut batch = Batch::default();
+        if let Some(first) = this.first.take() {
+            batch.add(this.scanner.push(first));
+        }
+        let mut got_data = false;
+        let end = loop {
+            if batch.len() >= MAX_BATCH {
+                break None;
             }
-            let chunk = if let Some(first) = this.first.take() {
-                first
-            } else {
-                match this.upstream.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Ok(chunk))) => chunk,
-                    Poll::Ready(Some(Err(_))) => {
-                        let event = this.fail(
-                            StreamEnd::UpstreamBroken,
-                            "The upstream server broke off the stream.",
-                        );
-                        return Poll::Ready(event.map(Ok));
-                    }
-                    Poll::Ready(None) => {
-                        let rest = this.scanner.finish();
-                        this.end(StreamEnd::Complete);
-                        if rest.is_empty() {
-                            return Poll::Ready(None);
-                        }
-                        return Poll::Ready(Some(Ok(rest)));
-                    }
-                    Poll::Pending => {
-                        if this.idle.as_mut().poll(cx).is_ready() {
-                            let event = this.fail(
-                                StreamEnd::IdleTimeout,
-                                "The upstream server stopped sending; stream closed.",
-                            );
-                            return Poll::Ready(event.map(Ok));
-                        }
-                        return Poll::Pending;
-                    }
+            match this.upstream.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    got_data = true;
+                    batch.add(this.scanner.push(chunk));
                 }
-            };
+                Poll::Ready(Some(Err(_))) => break Some(StreamEnd::UpstreamBroken),
+                Poll::Ready(None) => {
+                    batch.add(this.scanner.finish());
+                    break Some(StreamEnd::Complete);
+                }
+                Poll::Pending => break None,
+            }
+        };
+        if got_data {
             this.idle.as_mut().reset(Instant::now() + this.idle_timeout);
-            let out = this.scanner.push(chunk);
-            if !out.is_empty() {
-                return Poll::Ready(Some(Ok(out)));
+        }
+        match (batch.take(), end) {
+            (Some(out), end) => {
+                this.deferred = end;
+                Poll::Ready(Some(Ok(out)))
+            }
+            (None, Some(end)) => Poll::Ready(this.finish_with(end).map(Ok)),
+            (None, None) => {
+                // Waiting on upstream: the idle timer must be registered too.
+                if this.idle.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(this.finish_with(StreamEnd::IdleTimeout).map(Ok));
+                }
+                Poll::Pending
             }
         }
     }

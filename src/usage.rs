@@ -59,14 +59,25 @@ impl Tokens {
     }
 }
 
-/// Extracts `usage` from a complete (non-streamed) JSON response.
+/// Extracts `usage` from a complete (non-streamed) JSON response. Servers put it last, so
+/// the body is searched backwards for the key and only its object is parsed; a quote
+/// inside a JSON string is always escaped, so an unescaped `"usage"` is a key.
 pub fn from_response_body(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct WithUsage {
-        #[serde(default)]
-        usage: Option<Usage>,
+    let finder = memchr::memmem::FinderRev::new(b"\"usage\"");
+    let mut end = body.len();
+    while let Some(at) = finder.rfind(&body[..end]) {
+        end = at;
+        if at > 0 && body[at - 1] == b'\\' {
+            continue;
+        }
+        let rest = body[at + 7..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let mut de = serde_json::Deserializer::from_slice(value);
+        return Option::<Usage>::deserialize(&mut de).ok().flatten();
     }
-    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+    None
 }
 
 #[cfg(test)]
@@ -110,5 +121,9 @@ mod tests {
         let u = from_response_body(br#"{"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#);
         assert_eq!(u.unwrap().completion_tokens, Some(2));
         assert_eq!(from_response_body(br#"{"usage":null}"#), None);
+        let quoted = br#"{"choices":[{"text":"say \"usage\": {\"prompt_tokens\": 99}"}],"usage" : {"prompt_tokens":1}}"#;
+        assert_eq!(from_response_body(quoted).unwrap().prompt_tokens, Some(1));
+        let only_quoted = br#"{"choices":[{"text":"\"usage\": {\"prompt_tokens\": 99}"}]}"#;
+        assert_eq!(from_response_body(only_quoted), None);
     }
 }

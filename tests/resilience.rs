@@ -602,8 +602,8 @@ async fn traffic_follows_backend_weights() {
 
 #[tokio::test]
 async fn less_loaded_backend_wins_under_concurrency() {
-    // One backend holds requests for a long time, the other answers at once: with
-    // least-in-flight selection, nearly all concurrent requests go to the free one.
+    // One backend holds a request for a long time, the other answers at once: with
+    // least-in-flight selection every new request goes to the free one.
     let stuck = mock_with(MockBehavior {
         delay: Duration::from_secs(30),
         ..Default::default()
@@ -613,8 +613,8 @@ async fn less_loaded_backend_wins_under_concurrency() {
     let gw = Gateway::start(&config_for(&[&stuck, &free], "")).await;
     let url = gw.url("/v1/chat/completions");
     let mut held = Vec::new();
-    // Load the stuck backend until it holds 3 requests.
-    while requests(&stuck) < 3 {
+    // Send until one request is stuck (the first may land on either backend).
+    while requests(&stuck) < 1 {
         let url = url.clone();
         held.push(tokio::spawn(async move {
             client().post(url).json(&chat_body(false)).send().await

@@ -9,6 +9,9 @@ use crate::secret::Secret;
 
 use super::breaker::{Admission, Breaker, BreakerState};
 
+/// Paths (relative to `base_url`) whose URLs are parsed once at start.
+pub const PROXIED_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
+
 /// Health as last seen by the background prober.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -66,6 +69,7 @@ pub struct Backend {
     /// Configured name (metric label, log field).
     pub name: Arc<str>,
     base_url: String,
+    endpoint_urls: Vec<(&'static str, reqwest::Url)>,
     api_key: Option<Secret>,
     /// Relative share of traffic.
     pub weight: u32,
@@ -99,9 +103,19 @@ impl Backend {
             .http1_only()
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let base_url = cfg.base_url.trim_end_matches('/').to_owned();
+        let endpoint_urls = PROXIED_PATHS
+            .iter()
+            .filter_map(|p| {
+                reqwest::Url::parse(&format!("{base_url}{p}"))
+                    .ok()
+                    .map(|u| (*p, u))
+            })
+            .collect();
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
-            base_url: cfg.base_url.trim_end_matches('/').to_owned(),
+            base_url,
+            endpoint_urls,
             api_key,
             weight: cfg.weight,
             max_concurrency: cfg.max_concurrency,
@@ -124,6 +138,14 @@ impl Backend {
         url.push_str(&self.base_url);
         url.push_str(path);
         url
+    }
+
+    /// The parsed URL of a proxied endpoint (built once, not per request).
+    pub fn endpoint_url(&self, path: &str) -> Result<reqwest::Url, url::ParseError> {
+        match self.endpoint_urls.iter().find(|(p, _)| *p == path) {
+            Some((_, url)) => Ok(url.clone()),
+            None => reqwest::Url::parse(&self.url(path)),
+        }
     }
 
     /// The API key to send, if any.

@@ -123,8 +123,15 @@ pub fn config_for(mocks: &[&MockUpstream], extra: &str) -> String {
     s
 }
 
+thread_local! {
+    /// Building a client loads the system's root certificates (~tens of ms); each test
+    /// runs on its own thread with its own runtime, so one client per thread is safe.
+    static CLIENT: reqwest::Client = reqwest::Client::builder().no_proxy().build().unwrap();
+}
+
+/// The test's HTTP client (pooled connections are reused within a test).
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
+    CLIENT.with(Clone::clone)
 }
 
 pub fn chat_body(stream: bool) -> serde_json::Value {
