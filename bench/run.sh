@@ -1,0 +1,316 @@
+#!/usr/bin/env bash
+# Benchmark: how much latency and throughput does a gateway add in front of an
+# OpenAI-compatible upstream?
+#
+# One mock upstream (`llm-gateway mock-upstream`, answers 16 tokens instantly) is started
+# and shared by every target. Each target is measured with wrk + bench/chat.lua:
+#   - "direct":      wrk -> mock                  (the baseline)
+#   - "llm-gateway": wrk -> llm-gateway -> mock
+# in 4 configurations: {non-stream, stream} x {1 connection / 1 thread, 32 connections /
+# 2 threads}. For each configuration the targets run back to back (warm-up, then the
+# measured run), so slow drift of the machine hits both alike.
+#
+# Usage (from the repo root):   bash bench/run.sh
+#
+# Environment:
+#   BENCH_DURATION=10s     measured duration per cell (wrk -d syntax)
+#   BENCH_WARMUP=2s        warm-up per cell (results discarded, errors still fail the run)
+#   BENCH_TARGETS="llm-gateway"   gateways to compare with "direct" (see start_target_*)
+#   BENCH_GW_WORKERS=N     llm-gateway server.worker_threads (default: unset = one per CPU)
+#   BENCH_TASKSET=1        pin wrk to one CPU (BENCH_WRK_CPU, default the last one)
+#   BENCH_STRICT=1         exit 1 when a performance target is missed
+#   BENCH_OUT=FILE         also write the report (markdown) to FILE
+#   CARGO_TARGET_DIR       where cargo builds (default ./target)
+#
+# Exit status: 1 on any load error (non-2xx response, socket error, target not starting);
+# 1 on a missed target only with BENCH_STRICT=1; otherwise 0.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+DURATION=${BENCH_DURATION:-10s}
+WARMUP=${BENCH_WARMUP:-2s}
+read -r -a TARGETS <<<"${BENCH_TARGETS:-llm-gateway}"
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release/llm-gateway
+LUA=$ROOT/bench/chat.lua
+
+# Targets (see the end of the script for the checks).
+MAX_ADDED_P50_US=50      # added p50 latency at 1 connection
+MIN_RPS_RATIO_PCT=60     # gateway throughput at 32 connections, % of direct
+MAX_RSS_MB=30            # gateway peak RSS
+
+log() { echo "==> $*" >&2; }
+die() { echo "ERROR: $*" >&2; exit 1; }
+
+# --- Scratch directory, process bookkeeping and clean-up ---------------------------------
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/llm-gateway-bench.XXXXXX")
+
+# Every background process is started through spawn, which records its PID in
+# $WORK/pids, so cleanup can stop exactly these processes (and nothing else).
+spawn() { # spawn NAME CMD...   (stdout/stderr go to $WORK/NAME.log)
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.log" 2>&1 </dev/null &
+    echo "$!" >"$WORK/$name.pid"
+    echo "$!" >>"$WORK/pids"
+}
+
+cleanup() {
+    local status=$? pid
+    trap - EXIT INT TERM
+    if [[ -f $WORK/pids ]]; then
+        while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$WORK/pids"
+        sleep 0.3
+        while read -r pid; do kill -9 "$pid" 2>/dev/null || true; done <"$WORK/pids"
+    fi
+    if ((status != 0)); then
+        # Show what the processes said; it usually explains the failure.
+        for f in "$WORK"/*.log; do
+            [[ -s $f ]] && { echo "--- $(basename "$f") (last lines)" >&2; tail -n 20 "$f" >&2; }
+        done
+    fi
+    rm -rf "$WORK"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A free TCP port: bind port 0, let the kernel choose, release it. (There is a small race
+# until the server binds it; good enough on a benchmark machine.)
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits until URL answers 2xx (GET), or fails after ~10 s or when process NAME has died.
+wait_http() { # wait_http NAME URL
+    local name=$1 url=$2 i
+    for ((i = 0; i < 100; i++)); do
+        curl -fs -o /dev/null --max-time 1 "$url" && return 0
+        kill -0 "$(cat "$WORK/$name.pid")" 2>/dev/null || die "$name exited (see its log above)"
+        sleep 0.1
+    done
+    die "$name not ready at $url after 10 s"
+}
+
+# --- Targets ------------------------------------------------------------------------------
+# A target is a function `start_target_<name> MOCK_BASE_URL` that starts what it needs
+# with spawn (so cleanup stops it), waits until it is ready, and echoes the OpenAI base URL
+# (ending in /v1) to benchmark. It runs in a command substitution, so it must not print
+# anything else on stdout. If it spawns a process named after the target, that process's
+# peak RSS is reported.
+#
+# To add another gateway as a row, write one more function and list it in BENCH_TARGETS,
+# e.g. for LiteLLM (pip install 'litellm[proxy]'):
+#
+#   start_target_litellm() {
+#       local mock=$1 port
+#       port=$(free_port)
+#       printf 'model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/bench\n      api_base: %s\n      api_key: none\n' \
+#           "$mock" >"$WORK/litellm.yaml"
+#       spawn litellm litellm --config "$WORK/litellm.yaml" --host 127.0.0.1 --port "$port"
+#       wait_http litellm "http://127.0.0.1:$port/health/liveliness"
+#       echo "http://127.0.0.1:$port/v1"
+#   }
+#
+#   BENCH_TARGETS="llm-gateway litellm" bash bench/run.sh
+
+# The baseline: the mock itself.
+start_target_direct() {
+    echo "$1"
+}
+
+start_target_llm-gateway() {
+    local mock=$1 port workers=""
+    port=$(free_port)
+    [[ -n ${BENCH_GW_WORKERS:-} ]] && workers="worker_threads = $BENCH_GW_WORKERS"
+    cat >"$WORK/llm-gateway.toml" <<EOF
+[server]
+listen = "127.0.0.1:$port"
+$workers
+[health_check]
+enabled = true
+[[backends]]
+name = "mock"
+base_url = "$mock"
+max_concurrency = 1024
+[[models]]
+name = "bench"
+routes = [{ backend = "mock" }]
+EOF
+    # RUST_LOG=warn: at info level the gateway logs one line per request.
+    RUST_LOG=warn spawn llm-gateway "$BIN" serve --config "$WORK/llm-gateway.toml"
+    # /ready turns 200 once the health check has seen the backend up.
+    wait_http llm-gateway "http://127.0.0.1:$port/ready"
+    echo "http://127.0.0.1:$port/v1"
+}
+
+# --- Load generation ----------------------------------------------------------------------
+
+WRK=(wrk)
+if [[ ${BENCH_TASKSET:-0} == 1 ]]; then
+    WRK=(taskset -c "${BENCH_WRK_CPU:-$(($(nproc) - 1))}" wrk)
+fi
+
+# Runs wrk once and prints chat.lua's line
+#   BENCH p50_us=.. p99_us=.. rps=.. requests=.. non2xx=.. socket_errors=..
+# Fails the whole run on any non-2xx response or socket error.
+run_wrk() { # run_wrk URL THREADS CONNS DURATION MODE(plain|stream) LABEL
+    local url=$1 threads=$2 conns=$3 duration=$4 mode=$5 label=$6 out line
+    local args=()
+    [[ $mode == stream ]] && args=(-- stream)
+    out=$("${WRK[@]}" -t"$threads" -c"$conns" -d"$duration" --timeout 5s \
+        -s "$LUA" "$url/chat/completions" "${args[@]}" 2>&1) || die "wrk failed ($label): $out"
+    line=$(grep '^BENCH ' <<<"$out") || die "no BENCH line from wrk ($label): $out"
+    if ! grep -q ' non2xx=0 socket_errors=0$' <<<"$line"; then
+        die "load errors ($label): $line"
+    fi
+    echo "$line"
+}
+
+field() { # field LINE KEY  -> value of KEY=value in LINE
+    sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"
+}
+
+# --- Main ---------------------------------------------------------------------------------
+
+if ! command -v wrk >/dev/null; then
+    log "wrk not found: installing it with apt-get (Debian package 'wrk')"
+    if [[ $(id -u) == 0 ]]; then
+        apt-get install -y wrk >&2 || { apt-get update >&2 && apt-get install -y wrk >&2; }
+    else
+        sudo apt-get install -y wrk >&2
+    fi
+fi
+for tool in curl python3; do
+    command -v "$tool" >/dev/null || die "$tool is needed"
+done
+
+log "building the release binary (cargo build --release, target dir $TARGET_DIR)"
+cargo build --release >&2
+
+# Other work on the machine skews everything; record the load average to judge a run by.
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+log "load average before the run: $LOAD_BEFORE"
+
+log "starting the mock upstream"
+MOCK_PORT=$(free_port)
+spawn mock "$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16
+wait_http mock "http://127.0.0.1:$MOCK_PORT/v1/models"
+MOCK_URL="http://127.0.0.1:$MOCK_PORT/v1"
+
+declare -A URL
+ALL=(direct "${TARGETS[@]}")
+for t in "${ALL[@]}"; do
+    declare -F "start_target_$t" >/dev/null || die "unknown target '$t' (no start_target_$t)"
+    log "starting target $t"
+    URL[$t]=$("start_target_$t" "$MOCK_URL")
+    log "  $t: ${URL[$t]}"
+done
+
+# Configurations: MODE:CONNS:THREADS
+CONFIGS=(plain:1:1 plain:32:2 stream:1:1 stream:32:2)
+declare -A P50 P99 RPS
+for cfg in "${CONFIGS[@]}"; do
+    IFS=: read -r mode conns threads <<<"$cfg"
+    for t in "${ALL[@]}"; do
+        label="$t $mode c=$conns"
+        log "$label: warm-up $WARMUP, then $DURATION"
+        run_wrk "${URL[$t]}" "$threads" "$conns" "$WARMUP" "$mode" "$label (warm-up)" >/dev/null
+        line=$(run_wrk "${URL[$t]}" "$threads" "$conns" "$DURATION" "$mode" "$label")
+        log "  $line"
+        key="$t|$mode|$conns"
+        P50[$key]=$(field "$line" p50_us)
+        P99[$key]=$(field "$line" p99_us)
+        RPS[$key]=$(field "$line" rps)
+    done
+done
+
+# Peak RSS (VmHWM) of each gateway process, read now, while it still runs.
+declare -A RSS_MB
+for t in "${TARGETS[@]}"; do
+    pidfile=$WORK/$t.pid
+    if [[ -f $pidfile ]] && kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$(cat "$pidfile")/status" 2>/dev/null); then
+        RSS_MB[$t]=$(awk -v kb="$kb" 'BEGIN { printf "%.1f", kb / 1024 }')
+    fi
+done
+
+# --- Report -------------------------------------------------------------------------------
+
+report() {
+    local notes="$DURATION per cell (warm-up $WARMUP), wrk $(wrk --version 2>&1 | awk 'NR==1 {print $2}' || true)"
+    notes+=", $(nproc) CPUs, $(uname -sr), $(date -u '+%Y-%m-%d %H:%M UTC')"
+    [[ -n ${BENCH_GW_WORKERS:-} ]] && notes+=", llm-gateway worker_threads=$BENCH_GW_WORKERS"
+    [[ ${BENCH_TASKSET:-0} == 1 ]] && notes+=", wrk pinned to CPU ${WRK[2]}"
+    # Read-only git queries (GIT_OPTIONAL_LOCKS=0: never touch the index).
+    local rev
+    rev=$(GIT_OPTIONAL_LOCKS=0 git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    GIT_OPTIONAL_LOCKS=0 git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || rev+="+local changes"
+    notes+=", commit $rev"
+    notes+=", load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "Benchmark: $notes"
+    echo
+    echo "| target | mode | conns | direct p50 µs | direct p99 µs | direct req/s | target p50 µs | target p99 µs | target req/s | added p50 µs | added p99 µs | req/s vs direct |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    local t cfg mode conns threads d k
+    for t in "${TARGETS[@]}"; do
+        for cfg in "${CONFIGS[@]}"; do
+            IFS=: read -r mode conns threads <<<"$cfg"
+            d="direct|$mode|$conns" k="$t|$mode|$conns"
+            awk -v t="$t" -v m="$mode" -v c="$conns" \
+                -v dp50="${P50[$d]}" -v dp99="${P99[$d]}" -v drps="${RPS[$d]}" \
+                -v gp50="${P50[$k]}" -v gp99="${P99[$k]}" -v grps="${RPS[$k]}" \
+                'BEGIN { printf "| %s | %s | %d | %d | %d | %.0f | %d | %d | %.0f | %+d | %+d | %.0f%% |\n",
+                         t, m, c, dp50, dp99, drps, gp50, gp99, grps,
+                         gp50 - dp50, gp99 - dp99, 100 * grps / drps }'
+        done
+    done
+    echo
+    for t in "${TARGETS[@]}"; do
+        echo "Peak RSS (VmHWM) of $t: ${RSS_MB[$t]:-n/a} MB"
+    done
+}
+
+# Prints "PASS|MISS  description" lines, one per check and target.
+checks() {
+    local t mode d k
+    for t in "${TARGETS[@]}"; do
+        for mode in plain stream; do
+            d="direct|$mode|1" k="$t|$mode|1"
+            awk -v t="$t" -v m="$mode" -v a="$((${P50[$k]} - ${P50[$d]}))" -v max="$MAX_ADDED_P50_US" \
+                'BEGIN { printf "%s  %s: added p50 at 1 connection, %s: %d µs (target <= %d µs)\n",
+                         (a <= max ? "PASS" : "MISS"), t, m, a, max }'
+        done
+        for mode in plain stream; do
+            d="direct|$mode|32" k="$t|$mode|32"
+            awk -v t="$t" -v m="$mode" -v g="${RPS[$k]}" -v dr="${RPS[$d]}" -v min="$MIN_RPS_RATIO_PCT" \
+                'BEGIN { r = 100 * g / dr;
+                         printf "%s  %s: throughput at 32 connections, %s: %.0f%% of direct (target >= %d%%)\n",
+                         (r >= min ? "PASS" : "MISS"), t, m, r, min }'
+        done
+        awk -v t="$t" -v r="${RSS_MB[$t]:-}" -v max="$MAX_RSS_MB" \
+            'BEGIN { if (r == "") { printf "MISS  %s: peak RSS unknown\n", t; exit }
+                     printf "%s  %s: peak RSS %.1f MB (target <= %d MB)\n", (r <= max ? "PASS" : "MISS"), t, r, max }'
+    done
+}
+
+{
+    report
+    echo
+    echo '```'
+    checks
+    echo '```'
+} >"$WORK/report.md"
+cat "$WORK/report.md"
+[[ -n ${BENCH_OUT:-} ]] && cp "$WORK/report.md" "$BENCH_OUT"
+
+if grep -q '^MISS' "$WORK/report.md"; then
+    if [[ ${BENCH_STRICT:-0} == 1 ]]; then
+        log "some targets were missed (BENCH_STRICT=1: failing)"
+        exit 1
+    fi
+    log "some targets were missed (set BENCH_STRICT=1 to make this fail)"
+fi
+exit 0
