@@ -18,12 +18,7 @@ use serde_json::{Value, json};
 async fn chat_completion_non_streaming_passes_through() {
     let up = mock().await;
     let gw = Gateway::start(&config_for(&[&up], "")).await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let r = chat(&gw, false).await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -83,12 +78,7 @@ async fn sse_events(r: reqwest::Response) -> Vec<String> {
 async fn streaming_strips_the_usage_chunk_the_client_did_not_ask_for() {
     let up = mock().await;
     let gw = Gateway::start(&config_for(&[&up], "")).await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let r = chat(&gw, true).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let events = sse_events(r).await;
@@ -105,14 +95,7 @@ async fn streaming_strips_the_usage_chunk_the_client_did_not_ask_for() {
     );
 
     // The usage the gateway captured is exact (not estimated).
-    let metrics = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw).await;
     assert_eq!(
         metric(
             &metrics,
@@ -150,22 +133,10 @@ async fn usage_is_estimated_when_upstream_sends_none() {
     })
     .await;
     let gw = Gateway::start(&config_for(&[&up], "")).await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let r = chat(&gw, true).await;
     let events = sse_events(r).await;
     assert_eq!(events.len(), 6);
-    let metrics = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw).await;
     // One content event per token is the estimate for streams.
     assert_eq!(
         metric(
@@ -508,12 +479,7 @@ async fn upstream_client_errors_pass_through_sanitised() {
     })
     .await;
     let gw = Gateway::start(&config_for(&[&up], "")).await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let r = chat(&gw, false).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["message"], "mock failure 400");

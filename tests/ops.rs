@@ -22,14 +22,7 @@ use tokio::net::TcpStream;
 async fn health_and_ready_report_state() {
     let up = mock().await;
     let gw = Gateway::start(&config_for(&[&up], "")).await;
-    let h: Value = client()
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = health(&gw).await;
     assert_eq!(h["status"], "ok");
     assert_eq!(h["version"], env!("CARGO_PKG_VERSION"));
     assert!(h["uptime_seconds"].is_u64());
@@ -112,21 +105,9 @@ async fn metrics_count_requests_with_fixed_labels() {
 async fn streaming_records_time_to_first_token() {
     let up = mock().await;
     let gw = Gateway::start(&config_for(&[&up], "")).await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let r = chat(&gw, true).await;
     r.bytes().await.unwrap();
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&gw).await;
     assert_eq!(
         metric(
             &m,
@@ -200,12 +181,7 @@ async fn excess_requests_are_shed_with_503() {
         up.state.requests.load(Ordering::Relaxed) == 1
     })
     .await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let r = chat(&gw, false).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     let body: Value = r.json().await.unwrap();
@@ -322,12 +298,7 @@ async fn shutdown_finishes_in_flight_streams_and_refuses_new_connections() {
     })
     .await;
     let mut gw = Gateway::start(&config_for(&[&up], "")).await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let r = chat(&gw, true).await;
     let mut body = r.bytes_stream();
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
     let serving = gw.begin_shutdown();
@@ -372,12 +343,7 @@ async fn shutdown_deadline_cuts_streams_that_run_too_long() {
         "[server]\nshutdown_timeout = \"300ms\"\n",
     ))
     .await;
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
+    let r = chat(&gw, true).await;
     let mut body = r.bytes_stream();
     body.next().await.unwrap().unwrap();
     let serving = gw.begin_shutdown();

@@ -24,26 +24,6 @@ fn requests(m: &llm_gateway::mock::MockUpstream) -> u64 {
     m.state.requests.load(Ordering::Relaxed)
 }
 
-async fn chat(gw: &Gateway, stream: bool) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat_body(stream))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn health(gw: &Gateway) -> Value {
-    client()
-        .get(gw.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 fn backend_field(h: &Value, name: &str, field: &str) -> String {
     h["backends"]
         .as_array()
@@ -79,14 +59,7 @@ async fn fails_over_when_a_backend_refuses_connections() {
             r.bytes().await.unwrap();
         }
     }
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&gw).await;
     let connect_errors = metric(
         &m,
         "llm_gateway_upstream_errors_total{backend=\"dead\",kind=\"connect\"}",
@@ -219,14 +192,7 @@ async fn breaker_ejects_after_consecutive_failures() {
         assert_eq!(chat(&gw, false).await.status(), 200);
     }
     assert_eq!(requests(&bad), 2, "no traffic while the circuit is open");
-    let m = client()
-        .get(gw.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&gw).await;
     assert_eq!(
         metric(&m, "llm_gateway_backend_circuit_open{backend=\"b0\"}"),
         Some(1.0)
@@ -657,14 +623,7 @@ async fn a_client_gone_before_the_answer_is_counted_as_499() {
     let series = "llm_gateway_requests_total{endpoint=\"chat_completions\",model=\"m\",backend=\"b0\",status=\"499\"}";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let m = client()
-            .get(gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = metrics_text(&gw).await;
         if metric(&m, series) == Some(1.0) {
             assert_eq!(metric(&m, "llm_gateway_in_flight_requests"), Some(0.0));
             break;

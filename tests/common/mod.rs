@@ -161,3 +161,37 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// POSTs the standard chat body (streaming or not) to the gateway.
+pub async fn chat(gw: &Gateway, stream: bool) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(stream))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `GET /health` as JSON.
+pub async fn health(gw: &Gateway) -> serde_json::Value {
+    client()
+        .get(gw.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `GET /metrics` as text.
+pub async fn metrics_text(gw: &Gateway) -> String {
+    client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
