@@ -163,10 +163,17 @@ impl ApiError {
 /// Upstream 4xx that describe the client's request pass through; anything that describes
 /// the gateway's own relation to the backend (auth, routing, server errors) is a 502.
 fn client_status_for_upstream(status: StatusCode) -> StatusCode {
-    match status.as_u16() {
-        400 | 413 | 422 | 429 => status,
-        _ => StatusCode::BAD_GATEWAY,
+    if upstream_status_is_clients(status) || status == StatusCode::TOO_MANY_REQUESTS {
+        status
+    } else {
+        StatusCode::BAD_GATEWAY
     }
+}
+
+/// Upstream statuses that describe the client's own request (so another backend would
+/// answer the same): passed on, never retried.
+pub fn upstream_status_is_clients(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 413 | 422)
 }
 
 #[derive(Serialize)]
@@ -266,9 +273,10 @@ pub fn sanitize_upstream_error(body: &[u8], secrets: &[&str]) -> Option<Upstream
         for secret in secrets.iter().filter(|s| !s.is_empty()) {
             s = s.replace(secret, "[redacted]");
         }
-        if s.contains("Bearer ") || s.contains("sk-") {
+        if s.contains("Bearer ") {
             return "[redacted]".to_owned();
         }
+        s = redact_key_like(&s);
         if s.len() > MAX {
             let mut cut = MAX;
             while !s.is_char_boundary(cut) {
@@ -284,6 +292,30 @@ pub fn sanitize_upstream_error(body: &[u8], secrets: &[&str]) -> Option<Upstream
         param: param.map(scrub),
         code: code.map(scrub),
     })
+}
+
+/// Replaces words that look like API keys (`sk-` and at least 16 more key characters).
+fn redact_key_like(s: &str) -> String {
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find("sk-") {
+        let starts_word = rest[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !is_key_char(c));
+        let tail = &rest[at + 3..];
+        let len = tail.find(|c| !is_key_char(c)).unwrap_or(tail.len());
+        out.push_str(&rest[..at]);
+        if starts_word && len >= 16 {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(&rest[at..at + 3 + len]);
+        }
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -304,6 +336,13 @@ mod tests {
         let body = br#"{"error":"header was Bearer abc"}"#;
         let e = sanitize_upstream_error(body, &[]).unwrap();
         assert_eq!(e.message, "[redacted]");
+    }
+
+    #[test]
+    fn key_like_words_are_redacted_but_ordinary_words_stay() {
+        let body = br#"{"error":"bad key sk-abcdefghijklmnop1234 for task-sk-1 on disk-sk-x"}"#;
+        let e = sanitize_upstream_error(body, &[]).unwrap();
+        assert_eq!(e.message, "bad key [redacted] for task-sk-1 on disk-sk-x");
     }
 
     #[test]

@@ -69,9 +69,9 @@ struct BuildLabels {
 }
 
 fn latency_histogram() -> Histogram {
-    // 1 ms .. ~65 s
+    // 1 ms .. ~17 min (request_timeout defaults to 10 min)
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.001, 2.0, 17,
+        0.001, 2.0, 21,
     ))
 }
 
@@ -122,7 +122,7 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         registry.register(
             "request_duration_seconds",
-            "Time from request arrival to the last response byte, by model",
+            "Time from request arrival until the answer is ready (streams: until the last byte), by model",
             duration.clone(),
         );
         let ttft: Family<ModelLabels, Histogram, fn() -> Histogram> =

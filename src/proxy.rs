@@ -14,7 +14,7 @@ use futures_util::stream::BoxStream;
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::error::{ApiError, sanitize_upstream_error};
+use crate::error::{ApiError, sanitize_upstream_error, upstream_status_is_clients};
 use crate::metrics::{InFlight, RequestSample};
 use crate::relay::{Relay, StreamSummary};
 use crate::sse::SseScanner;
@@ -234,11 +234,20 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
     };
     match reply {
         Reply::Full { content_type, body } => {
-            let tokens = Tokens::from_usage(
-                usage::from_response_body(&body),
-                prompt_bytes,
-                Tokens::estimate_from_bytes(body.len()),
-            );
+            let reported = usage::from_response_body(&body);
+            let tokens = if endpoint == Endpoint::Embeddings {
+                // Embeddings produce no completion tokens; only the prompt counts.
+                let mut t = Tokens::from_usage(reported, prompt_bytes, 0);
+                t.completion = 0;
+                t.estimated = reported.and_then(|u| u.prompt_tokens).is_none();
+                t
+            } else {
+                Tokens::from_usage(
+                    reported,
+                    prompt_bytes,
+                    Tokens::estimate_from_bytes(body.len()),
+                )
+            };
             record.finish(200, Some(tokens), None, false);
             let mut response = Response::new(Body::from(body));
             response
@@ -365,6 +374,9 @@ async fn proxy(
         let options = doc
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Map::new()));
+        if options.is_null() {
+            *options = Value::Object(Map::new());
+        }
         if let Value::Object(o) = options {
             o.insert("include_usage".to_owned(), Value::Bool(true));
         }
@@ -396,6 +408,7 @@ async fn proxy(
         record.attempts += 1;
         let body = body_for(route, &raw, &mut doc, strip_usage)?;
         let call = Call {
+            metrics: &state.metrics,
             endpoint,
             stream,
             request_id: &request_id,
@@ -478,6 +491,7 @@ impl Failure {
 
 /// One upstream call's fixed inputs.
 struct Call<'a> {
+    metrics: &'a crate::metrics::Metrics,
     endpoint: Endpoint,
     stream: bool,
     request_id: &'a HeaderValue,
@@ -527,11 +541,14 @@ impl Call<'_> {
                     attempt.failure();
                     return Err(Failure::retry(ApiError::UpstreamUnreachable, "connect"));
                 }
-                Ok(Err(e)) if stale_retry && !e.is_timeout() => {
-                    // A pooled keep-alive connection the server closed as we reused it:
-                    // nothing was processed, so send once more on a fresh connection.
+                Ok(Err(e)) if stale_retry && closed_before_answer(&e) => {
+                    // The backend closed the connection without answering: most often a
+                    // pooled keep-alive connection it closed as we reused it. Send once
+                    // more. The backend may have received the first copy.
                     stale_retry = false;
-                    tracing::debug!(backend = %backend.name, error = %e, "retrying on a fresh connection");
+                    self.metrics
+                        .upstream_error(&backend.name, "stale_connection");
+                    tracing::debug!(backend = %backend.name, error = %e, "re-sending after the connection closed");
                     continue;
                 }
                 Ok(Err(_)) => {
@@ -559,9 +576,15 @@ impl Call<'_> {
                 // Busy, not broken: try elsewhere without counting towards ejection.
                 drop(attempt);
                 Failure::retry(error, "status_429")
-            } else {
+            } else if upstream_status_is_clients(status) {
+                // The request itself is wrong: every backend would say the same.
                 attempt.success();
                 Failure::last(error, "status_4xx")
+            } else {
+                // 401/403/404...: this route's key or model name is wrong. Another
+                // backend may be set up right, and this one should be ejected.
+                attempt.failure();
+                Failure::retry(error, "status_4xx_route")
             });
         }
         let content_type = response
@@ -629,6 +652,18 @@ impl Call<'_> {
             }
         }
     }
+}
+
+/// The connection closed (or was reset) before any response: hyper's "incomplete message".
+fn closed_before_answer(error: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message();
+        }
+        source = e.source();
+    }
+    false
 }
 
 enum ReadError {

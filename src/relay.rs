@@ -122,6 +122,9 @@ impl Relay {
 
 /// Most bytes gathered into one write when upstream chunks arrive together.
 const MAX_BATCH: usize = 64 * 1024;
+/// Longest single SSE event accepted; an upstream that never ends an event is cut off
+/// rather than buffered without bound.
+const MAX_EVENT: usize = 1024 * 1024;
 
 /// Output gathered in one poll: one chunk is passed on as is, several are joined.
 #[derive(Default)]
@@ -189,6 +192,9 @@ impl Stream for Relay {
                 Poll::Ready(Some(Ok(chunk))) => {
                     got_data = true;
                     batch.add(this.scanner.push(chunk));
+                    if this.scanner.pending_len() > MAX_EVENT {
+                        break Some(StreamEnd::UpstreamBroken);
+                    }
                 }
                 Poll::Ready(Some(Err(_))) => break Some(StreamEnd::UpstreamBroken),
                 Poll::Ready(None) => {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -68,12 +68,13 @@ pub async fn serve(
         ));
     }
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: protocol detection (for cleartext HTTP/2) reads the first bytes with no
+    // timeout, so a client that connects and sends nothing would be held forever. hyper's
+    // header timer covers a silent new connection, slow headers and idle keep-alive alike.
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.server.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
     let conn = ConnCtx {
         builder: &builder,
         graceful: &graceful,
@@ -124,7 +125,7 @@ pub async fn serve(
 }
 
 struct ConnCtx<'a> {
-    builder: &'a auto::Builder<TokioExecutor>,
+    builder: &'a http1::Builder,
     graceful: &'a GracefulShutdown,
     tracker: &'a TaskTracker,
     hard_stop: &'a CancellationToken,
@@ -150,10 +151,7 @@ impl ConnCtx<'_> {
                 tracing::debug!(error = %e, %peer, "TCP_NODELAY failed");
             }
             let service = TowerToHyperService::new(app.clone());
-            let connection = self
-                .builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
+            let connection = self.builder.serve_connection(TokioIo::new(stream), service);
             let connection = self.graceful.watch(connection);
             let hard_stop = self.hard_stop.clone();
             self.tracker.spawn(async move {

@@ -44,6 +44,11 @@ impl SseScanner {
         self.drain_complete()
     }
 
+    /// Bytes held back waiting for the end of an event.
+    pub fn pending_len(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Returns whatever is left (an unterminated last event) at end of stream.
     pub fn finish(&mut self) -> Bytes {
         if self.buf.is_empty() {

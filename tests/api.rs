@@ -63,6 +63,18 @@ async fn completions_and_embeddings_are_proxied() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
     assert_eq!(up.state.requests.load(Ordering::Relaxed), 2);
+    // Embeddings count prompt tokens only (the mock reports them); no invented completion.
+    let m = metrics_text(&gw).await;
+    let prompt = body["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_tokens_total{model=\"m\",kind=\"completion\"}"
+        ),
+        Some(3.0),
+        "only the completions request's 3 tokens"
+    );
+    assert!(metric(&m, "llm_gateway_tokens_total{model=\"m\",kind=\"prompt\"}").unwrap() >= prompt);
 }
 
 /// Collects an SSE body and returns its data payloads.
@@ -103,6 +115,23 @@ async fn streaming_strips_the_usage_chunk_the_client_did_not_ask_for() {
         ),
         Some(8.0)
     );
+}
+
+#[tokio::test]
+async fn null_stream_options_still_get_usage_requested() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let mut body = chat_body(true);
+    body["stream_options"] = Value::Null;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse_events(r).await.len(), 9);
+    let sent = up.state.last_request().unwrap().body;
+    assert_eq!(sent["stream_options"]["include_usage"], true);
 }
 
 #[tokio::test]

@@ -391,3 +391,17 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     .await;
     assert!(closed.is_ok(), "idle keep-alive connection stayed open");
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(
+        &[&up],
+        "[server]\nheader_read_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a silent connection was held open");
+}

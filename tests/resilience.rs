@@ -637,3 +637,44 @@ async fn a_client_gone_before_the_answer_is_counted_as_499() {
     let h = health(&gw).await;
     assert_eq!(h["backends"][0]["in_flight"], 0, "backend slot released");
 }
+
+#[tokio::test]
+async fn a_backend_rejecting_the_gateways_key_is_failed_over_and_ejected() {
+    let wrong_key = mock_with(MockBehavior {
+        fail_status: Some(401),
+        ..Default::default()
+    })
+    .await;
+    let good = mock().await;
+    let extra = "[circuit_breaker]\nfailure_threshold = 2\nopen_duration = \"1h\"\n";
+    let gw = Gateway::start(&config_for(&[&wrong_key, &good], extra)).await;
+    for _ in 0..30 {
+        assert_eq!(chat(&gw, false).await.status(), 200);
+    }
+    assert_eq!(
+        requests(&wrong_key),
+        2,
+        "ejected after failure_threshold 401s"
+    );
+    assert_eq!(backend_field(&health(&gw).await, "b0", "circuit"), "open");
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_upstream_errors_total{backend=\"b0\",kind=\"status_4xx_route\"}"
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn with_a_single_misconfigured_backend_the_client_gets_502() {
+    let wrong_key = mock_with(MockBehavior {
+        fail_status: Some(403),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&config_for(&[&wrong_key], "")).await;
+    let r = chat(&gw, false).await;
+    assert_eq!(r.status(), 502);
+}

@@ -258,7 +258,7 @@ impl Attempt {
     pub fn success(&mut self) {
         if !self.settled {
             self.settled = true;
-            self.backend.breaker.on_success();
+            self.backend.breaker.on_success(self.admission);
         }
     }
 

@@ -25,7 +25,7 @@ impl BreakerState {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Inner {
     Closed { failures: u32 },
     Open { until: Instant },
@@ -97,9 +97,17 @@ impl Breaker {
         }
     }
 
-    /// The request succeeded: close (a good probe ends the ejection).
-    pub fn on_success(&self) {
-        *self.lock() = Inner::Closed { failures: 0 };
+    /// The request succeeded. While closed this resets the failure count; only the
+    /// half-open probe ends an ejection. A request admitted before the breaker opened (a
+    /// long stream, say) that succeeds later says nothing about the backend now.
+    pub fn on_success(&self, admission: Admission) {
+        let mut inner = self.lock();
+        match (*inner, admission) {
+            (Inner::Closed { .. }, _) | (_, Admission::Probe) => {
+                *inner = Inner::Closed { failures: 0 };
+            }
+            (Inner::Open { .. } | Inner::HalfOpen { .. }, Admission::Normal) => {}
+        }
     }
 
     /// The request failed; returns true when this failure opened the breaker.
@@ -138,12 +146,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn late_success_of_an_older_request_does_not_close_an_open_breaker() {
+        let b = Breaker::new(1, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let old = b.admit(t0).unwrap();
+        assert!(b.on_failure(t0));
+        b.on_success(old);
+        assert_eq!(
+            b.state(t0),
+            BreakerState::Open,
+            "a stream started earlier ended well"
+        );
+        let probe = b.admit(t0 + Duration::from_secs(10)).unwrap();
+        assert_eq!(probe, Admission::Probe);
+        b.on_success(Admission::Normal);
+        assert_eq!(
+            b.state(t0 + Duration::from_secs(10)),
+            BreakerState::HalfOpen
+        );
+        b.on_success(probe);
+        assert_eq!(b.state(t0 + Duration::from_secs(10)), BreakerState::Closed);
+    }
+
+    #[test]
     fn opens_after_threshold_and_probes_once() {
         let b = Breaker::new(3, Duration::from_secs(10));
         let t0 = Instant::now();
         assert!(!b.on_failure(t0));
         assert!(!b.on_failure(t0));
-        b.on_success();
+        b.on_success(Admission::Normal);
         assert!(!b.on_failure(t0));
         assert!(!b.on_failure(t0));
         assert!(b.on_failure(t0), "third consecutive failure opens");
@@ -158,7 +189,7 @@ mod tests {
         assert_eq!(b.state(later), BreakerState::Open);
         let much_later = later + Duration::from_secs(10);
         assert_eq!(b.admit(much_later), Some(Admission::Probe));
-        b.on_success();
+        b.on_success(Admission::Probe);
         assert_eq!(b.state(much_later), BreakerState::Closed);
         assert_eq!(b.admit(much_later), Some(Admission::Normal));
     }
