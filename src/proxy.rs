@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -59,17 +60,18 @@ impl Endpoint {
     }
 
     /// The parameter every request must carry besides `model`, and what it must be.
-    fn required(self, value: Option<&Value>) -> Result<(), ApiError> {
+    fn required(self, value: Option<&RawValue>) -> Result<(), ApiError> {
+        let first = value.and_then(|v| v.get().bytes().next());
         let (param, ok, expected) = match self {
-            Self::Chat => ("messages", value.map(Value::is_array), "an array"),
+            Self::Chat => ("messages", first.map(|b| b == b'['), "an array"),
             Self::Completions => (
                 "prompt",
-                value.map(|v| v.is_string() || v.is_array()),
+                first.map(|b| b == b'"' || b == b'['),
                 "a string or an array",
             ),
             Self::Embeddings => (
                 "input",
-                value.map(|v| v.is_string() || v.is_array()),
+                first.map(|b| b == b'"' || b == b'['),
                 "a string or an array",
             ),
         };
@@ -325,15 +327,17 @@ async fn proxy(
         .get::<RequestId>()
         .map(|id| id.0.clone())
         .unwrap_or(HeaderValue::from_static("-"));
-    let (raw, mut doc) = read_json(request, state.max_body_bytes, state.body_read_timeout).await?;
-    let model_name = match doc.get("model") {
-        None | Some(Value::Null) => return Err(ApiError::missing("model")),
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(ApiError::invalid_type("model", "a string")),
+    let raw = read_body(request, state.max_body_bytes, state.body_read_timeout).await?;
+    let head = Head::parse(&raw)?;
+    let model_name = match head.model {
+        None => return Err(ApiError::missing("model")),
+        Some(v) => serde_json::from_str::<String>(v.get())
+            .map_err(|_| ApiError::invalid_type("model", "a string"))?,
     };
-    let stream = match doc.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
+    let stream = match head.stream.map(RawValue::get) {
+        None => false,
+        Some("true") => true,
+        Some("false") => false,
         Some(_) => return Err(ApiError::invalid_type("stream", "a boolean")),
     };
     if stream && !endpoint.can_stream() {
@@ -343,25 +347,30 @@ async fn proxy(
             message: "Streaming is not supported for embeddings.".to_owned(),
         });
     }
-    let client_usage = match doc.get("stream_options") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(o)) => match o.get("include_usage") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(ApiError::invalid_type(
-                    "stream_options.include_usage",
-                    "a boolean",
-                ));
+    let client_usage = match head.stream_options {
+        None => false,
+        Some(v) => {
+            #[derive(serde::Deserialize)]
+            struct StreamOptions {
+                #[serde(default)]
+                include_usage: Option<bool>,
             }
-        },
-        Some(_) => return Err(ApiError::invalid_type("stream_options", "an object")),
+            serde_json::from_str::<StreamOptions>(v.get())
+                .map_err(|_| {
+                    ApiError::invalid_type(
+                        "stream_options",
+                        "an object with a boolean include_usage",
+                    )
+                })?
+                .include_usage
+                .unwrap_or(false)
+        }
     };
-    endpoint.required(doc.get(match endpoint {
-        Endpoint::Chat => "messages",
-        Endpoint::Completions => "prompt",
-        Endpoint::Embeddings => "input",
-    }))?;
+    endpoint.required(match endpoint {
+        Endpoint::Chat => head.messages,
+        Endpoint::Completions => head.prompt,
+        Endpoint::Embeddings => head.input,
+    })?;
     let model: &Model = state
         .models
         .get(&model_name)
@@ -370,17 +379,6 @@ async fn proxy(
     record.stream = stream;
 
     let strip_usage = stream && state.upstream.request_stream_usage && !client_usage;
-    if strip_usage {
-        let options = doc
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if options.is_null() {
-            *options = Value::Object(Map::new());
-        }
-        if let Value::Object(o) = options {
-            o.insert("include_usage".to_owned(), Value::Bool(true));
-        }
-    }
     let prompt_bytes = raw.len();
 
     let mut tried = Vec::with_capacity(model.routes.len());
@@ -406,7 +404,7 @@ async fn proxy(
         let route = &model.routes[index];
         record.backend = Some(Arc::clone(&route.backend.name));
         record.attempts += 1;
-        let body = body_for(route, &raw, &mut doc, strip_usage)?;
+        let body = body_for(route, &raw, strip_usage)?;
         let call = Call {
             metrics: &state.metrics,
             endpoint,
@@ -443,26 +441,61 @@ async fn proxy(
     Err(last_error.unwrap_or(ApiError::UpstreamUnreachable))
 }
 
-/// The body for one route: the client's bytes untouched when nothing changes, otherwise
-/// the parsed document with the route's model name (and usage option) written in.
-fn body_for(
-    route: &Route,
-    raw: &Bytes,
-    doc: &mut Map<String, Value>,
-    modified: bool,
-) -> Result<Bytes, ApiError> {
-    if route.upstream_model.is_none() && !modified {
+/// The body for one route: the client's bytes untouched when nothing changes; otherwise
+/// parsed, given the route's model name and/or `stream_options.include_usage`, and
+/// serialised again. The parsed document lives only here, never across an await.
+fn body_for(route: &Route, raw: &Bytes, ask_usage: bool) -> Result<Bytes, ApiError> {
+    if route.upstream_model.is_none() && !ask_usage {
         return Ok(raw.clone());
     }
-    let original = doc.get("model").cloned();
+    let mut doc: Map<String, Value> =
+        serde_json::from_slice(raw).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     if let Some(name) = &route.upstream_model {
         doc.insert("model".to_owned(), Value::String(name.clone()));
     }
-    let bytes = serde_json::to_vec(doc).map_err(|_| ApiError::UpstreamInvalid);
-    if let Some(original) = original {
-        doc.insert("model".to_owned(), original);
+    if ask_usage {
+        let options = doc
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if options.is_null() {
+            *options = Value::Object(Map::new());
+        }
+        if let Value::Object(o) = options {
+            o.insert("include_usage".to_owned(), Value::Bool(true));
+        }
     }
-    Ok(Bytes::from(bytes?))
+    serde_json::to_vec(&doc)
+        .map(Bytes::from)
+        .map_err(|_| ApiError::UpstreamInvalid)
+}
+
+/// The request fields the gateway looks at, borrowed from the body; the rest is skipped
+/// without being built, so a large body is not blown up into a tree of values.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+}
+
+impl<'a> Head<'a> {
+    fn parse(raw: &'a [u8]) -> Result<Self, ApiError> {
+        if raw.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::InvalidJson(
+                "the body must be a JSON object".to_owned(),
+            ));
+        }
+        serde_json::from_slice(raw).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    }
 }
 
 /// Why one attempt failed, and whether another backend may be tried.
@@ -700,12 +733,8 @@ async fn read_capped(
     }
 }
 
-/// Checks the content type and size, reads the body and parses it as a JSON object.
-async fn read_json(
-    request: Request,
-    limit: usize,
-    timeout: Duration,
-) -> Result<(Bytes, Map<String, Value>), ApiError> {
+/// Checks the content type and size and reads the body.
+async fn read_body(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
     if let Some(ct) = request.headers().get(header::CONTENT_TYPE) {
         let essence = ct
             .to_str()
@@ -740,11 +769,5 @@ async fn read_json(
             });
         }
     };
-    match serde_json::from_slice::<Value>(&raw) {
-        Ok(Value::Object(doc)) => Ok((raw, doc)),
-        Ok(_) => Err(ApiError::InvalidJson(
-            "the body must be a JSON object".to_owned(),
-        )),
-        Err(e) => Err(ApiError::InvalidJson(e.to_string())),
-    }
+    Ok(raw)
 }
