@@ -118,6 +118,10 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Tokio worker threads; 0 means one per CPU.
     pub worker_threads: usize,
+    /// A response write that makes no progress this long closes the connection (a client
+    /// that stops reading must not hold a stream and its backend slot forever).
+    #[serde(with = "humantime_serde")]
+    pub write_stall_timeout: Duration,
     /// Set `TCP_NODELAY` on accepted sockets (leave on: Nagle stalls streamed responses).
     pub tcp_nodelay: bool,
 }
@@ -133,6 +137,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 1024,
             shutdown_timeout: Duration::from_secs(30),
             worker_threads: 0,
+            write_stall_timeout: Duration::from_secs(60),
             tcp_nodelay: true,
         }
     }
@@ -369,6 +374,12 @@ impl Config {
         if s.header_read_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "server.header_read_timeout",
+                "must be > 0",
+            ));
+        }
+        if s.write_stall_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "server.write_stall_timeout",
                 "must be > 0",
             ));
         }

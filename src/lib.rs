@@ -13,6 +13,7 @@ pub mod routes;
 pub mod secret;
 pub mod server;
 pub mod sse;
+pub mod stall;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;

@@ -39,6 +39,8 @@ pub struct MockBehavior {
     pub send_usage: bool,
     /// `GET /v1/models` answers 200 (else 503).
     pub healthy: bool,
+    /// Streaming: end with `data: [DONE]` (servers do; a cut stream does not).
+    pub send_done: bool,
 }
 
 impl Default for MockBehavior {
@@ -53,6 +55,7 @@ impl Default for MockBehavior {
             drop_after: None,
             send_usage: true,
             healthy: true,
+            send_done: true,
         }
     }
 }
@@ -316,7 +319,9 @@ async fn generate(state: Arc<MockState>, headers: HeaderMap, body: Bytes, chat: 
         let u = json!({"id":"chatcmpl-mock","object":"chat.completion.chunk","created":0,"model":model,"choices":[],"usage":usage});
         events.push(Bytes::from(format!("data: {u}\n\n")));
     }
-    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    if b.send_done {
+        events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    }
     let body = MockStream {
         events: events.into_iter(),
         sent: 0,

@@ -271,6 +271,10 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
                 match summary.end {
                     crate::relay::StreamEnd::Complete => attempt.success(),
                     crate::relay::StreamEnd::ClientGone => {}
+                    crate::relay::StreamEnd::Incomplete => record
+                        .state
+                        .metrics
+                        .upstream_error(&attempt.backend().name, "stream_incomplete"),
                     crate::relay::StreamEnd::UpstreamBroken
                     | crate::relay::StreamEnd::IdleTimeout => {
                         attempt.failure();

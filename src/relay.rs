@@ -16,8 +16,11 @@ use crate::usage::Usage;
 /// How a relayed stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEnd {
-    /// Upstream finished the body.
+    /// Upstream finished the body with `data: [DONE]`.
     Complete,
+    /// Upstream closed the body cleanly but without `[DONE]`: passed on as it is (some
+    /// server may omit it), counted and logged as incomplete.
+    Incomplete,
     /// Upstream connection broke mid-stream.
     UpstreamBroken,
     /// Upstream stayed silent longer than the idle timeout.
@@ -31,6 +34,7 @@ impl StreamEnd {
     pub fn error_kind(self) -> Option<&'static str> {
         match self {
             Self::Complete => None,
+            Self::Incomplete => Some("stream_incomplete"),
             Self::UpstreamBroken => Some("stream_broken"),
             Self::IdleTimeout => Some("stream_idle_timeout"),
             Self::ClientGone => Some("client_disconnected"),
@@ -108,7 +112,7 @@ impl Relay {
     fn finish_with(&mut self, end: StreamEnd) -> Option<Bytes> {
         self.end(end);
         let message = match end {
-            StreamEnd::Complete | StreamEnd::ClientGone => return None,
+            StreamEnd::Complete | StreamEnd::Incomplete | StreamEnd::ClientGone => return None,
             StreamEnd::UpstreamBroken => "The upstream server broke off the stream.",
             StreamEnd::IdleTimeout => "The upstream server stopped sending; stream closed.",
         };
@@ -199,7 +203,11 @@ impl Stream for Relay {
                 Poll::Ready(Some(Err(_))) => break Some(StreamEnd::UpstreamBroken),
                 Poll::Ready(None) => {
                     batch.add(this.scanner.finish());
-                    break Some(StreamEnd::Complete);
+                    break Some(if this.scanner.done {
+                        StreamEnd::Complete
+                    } else {
+                        StreamEnd::Incomplete
+                    });
                 }
                 Poll::Pending => break None,
             }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError};
+use crate::stall::WriteStallGuard;
 use crate::state::AppState;
 use crate::{routes, upstream};
 
@@ -81,6 +82,7 @@ pub async fn serve(
         tracker: &tracker,
         hard_stop: &hard_stop,
         nodelay: config.server.tcp_nodelay,
+        write_stall_timeout: config.server.write_stall_timeout,
     };
 
     let api = routes::api(Arc::clone(&state), listeners.metrics.is_none());
@@ -130,6 +132,7 @@ struct ConnCtx<'a> {
     tracker: &'a TaskTracker,
     hard_stop: &'a CancellationToken,
     nodelay: bool,
+    write_stall_timeout: Duration,
 }
 
 impl ConnCtx<'_> {
@@ -151,7 +154,8 @@ impl ConnCtx<'_> {
                 tracing::debug!(error = %e, %peer, "TCP_NODELAY failed");
             }
             let service = TowerToHyperService::new(app.clone());
-            let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+            let io = TokioIo::new(WriteStallGuard::new(stream, self.write_stall_timeout));
+            let connection = self.builder.serve_connection(io, service);
             let connection = self.graceful.watch(connection);
             let hard_stop = self.hard_stop.clone();
             self.tracker.spawn(async move {

@@ -405,3 +405,34 @@ async fn a_connection_that_sends_nothing_is_closed() {
     let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "a silent connection was held open");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_and_upstream_cancelled() {
+    // ~18 MB of events: more than the socket buffers on both sides can hold.
+    let up = mock_with(MockBehavior {
+        chunks: 100_000,
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&config_for(
+        &[&up],
+        "[server]\nwrite_stall_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    let body = serde_json::to_string(&chat_body(true)).unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    // Never read. The gateway's writes stall, it gives up, and drops the upstream stream.
+    wait_for("upstream stream cancelled", Duration::from_secs(60), || {
+        up.state.cancelled_streams.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(health(&gw).await["backends"][0]["in_flight"], 0);
+    drop(s);
+}

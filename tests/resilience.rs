@@ -678,3 +678,29 @@ async fn with_a_single_misconfigured_backend_the_client_gets_502() {
     let r = chat(&gw, false).await;
     assert_eq!(r.status(), 502);
 }
+
+#[tokio::test]
+async fn a_stream_ending_without_done_is_passed_on_and_counted_incomplete() {
+    let up = mock_with(MockBehavior {
+        send_done: false,
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let text = chat(&gw, true).await.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(
+        events.len(),
+        8,
+        "content passed on, no error event added: {text}"
+    );
+    assert!(!text.contains("\"error\""));
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_upstream_errors_total{backend=\"b0\",kind=\"stream_incomplete\"}"
+        ),
+        Some(1.0)
+    );
+}
