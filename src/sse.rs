@@ -131,12 +131,14 @@ impl SseScanner {
     }
 }
 
-/// Length of the first complete event in `data` including its blank-line terminator.
+/// Length of the first complete event in `data` including its blank-line terminator
+/// (`\n\n`, `\r\n\r\n` or `\r\r`: the spec allows all three line endings).
 fn event_len(data: &[u8]) -> Option<usize> {
-    for i in memchr::memchr_iter(b'\n', data) {
-        match data.get(i + 1) {
-            Some(b'\n') => return Some(i + 2),
-            Some(b'\r') if data.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+    for i in memchr::memchr2_iter(b'\n', b'\r', data) {
+        match (data[i], data.get(i + 1), data.get(i + 2)) {
+            (b'\n', Some(b'\n'), _) => return Some(i + 2),
+            (b'\n', Some(b'\r'), Some(b'\n')) => return Some(i + 3),
+            (b'\r', Some(b'\r'), _) => return Some(i + 2),
             _ => {}
         }
     }
@@ -146,8 +148,7 @@ fn event_len(data: &[u8]) -> Option<usize> {
 /// The event's data: the `data:` lines joined by `\n` (borrowed when there is one line).
 fn data_field(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     let mut found: Option<std::borrow::Cow<'_, [u8]>> = None;
-    for line in event.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    for line in event.split(|&b| b == b'\n' || b == b'\r') {
         let Some(value) = line.strip_prefix(b"data:") else {
             continue;
         };
@@ -222,6 +223,15 @@ mod tests {
         assert_eq!(out, all);
         assert!(s.done);
         assert_eq!(s.content_events, 1);
+    }
+
+    #[test]
+    fn cr_only_line_endings_split_events() {
+        let all = "data: {\"choices\":[{}]}\r\rdata: {\"choices\":[],\"usage\":{\"completion_tokens\":1}}\r\rdata: [DONE]\r\r";
+        let (out, s) = run(true, &[all.as_bytes()]);
+        assert_eq!(out, "data: {\"choices\":[{}]}\r\rdata: [DONE]\r\r");
+        assert_eq!(s.content_events, 1);
+        assert!(s.done);
     }
 
     #[test]

@@ -185,8 +185,8 @@ async fn usage_is_estimated_when_upstream_sends_none() {
 #[tokio::test]
 async fn upstream_model_name_is_rewritten_and_api_key_sent() {
     let up = mock().await;
-    let dir = tempdir();
-    let key_file = dir.join("key");
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
     std::fs::write(&key_file, "sk-upstream-secret\n").unwrap();
     let toml = format!(
         "[health_check]\nenabled = false\n{}[[models]]\nname = \"public\"\nroutes = [{{ backend = \"a\", upstream_model = \"org/Real-Model-8B\" }}]\n",
@@ -208,17 +208,6 @@ async fn upstream_model_name_is_rewritten_and_api_key_sent() {
     let (sent, auth) = (seen.body, seen.authorization);
     assert_eq!(sent["model"], "org/Real-Model-8B");
     assert_eq!(auth.as_deref(), Some("Bearer sk-upstream-secret"));
-    std::fs::remove_dir_all(dir).unwrap();
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "llmgw-test-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[tokio::test]

@@ -32,19 +32,27 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().unwrap()
 }
 
-fn temp_file(name: &str, content: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "llmgw-cli-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// A file in its own temporary directory, removed when dropped; derefs to its path.
+struct TempFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+fn temp_file(name: &str, content: &str) -> TempFile {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
     std::fs::File::create(&path)
         .unwrap()
         .write_all(content.as_bytes())
         .unwrap();
-    path
+    TempFile { _dir: dir, path }
 }
 
 fn stderr(o: &Output) -> String {
@@ -168,12 +176,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Proc(Child);
+/// The gateway process (killed when dropped) and its config file.
+struct Proc {
+    child: Child,
+    _config: TempFile,
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -187,7 +199,10 @@ fn spawn_gateway(config: &str, env: &[(&str, &str)]) -> Proc {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Proc(cmd.spawn().unwrap())
+    Proc {
+        child: cmd.spawn().unwrap(),
+        _config: path,
+    }
 }
 
 async fn wait_healthy(port: u16, p: &mut Proc) {
@@ -201,9 +216,9 @@ async fn wait_healthy(port: u16, p: &mut Proc) {
             assert_eq!(r.status(), 200);
             return;
         }
-        if let Some(status) = p.0.try_wait().unwrap() {
+        if let Some(status) = p.child.try_wait().unwrap() {
             let mut err = String::new();
-            std::io::Read::read_to_string(p.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+            std::io::Read::read_to_string(p.child.stderr.as_mut().unwrap(), &mut err).unwrap();
             panic!("gateway exited with {status}: {err}");
         }
         assert!(
@@ -295,7 +310,7 @@ async fn sigterm_drains_streams_then_exits_zero() {
         .unwrap();
     let mut body = r.bytes_stream();
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
-    kill(Pid::from_raw(gw.0.id() as i32), Signal::SIGTERM).unwrap();
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
     while let Some(chunk) = body.next().await {
         text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
     }
@@ -303,7 +318,7 @@ async fn sigterm_drains_streams_then_exits_zero() {
         text.ends_with("data: [DONE]\n\n"),
         "stream completed: {text}"
     );
-    let status = tokio::task::spawn_blocking(move || gw.0.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || gw.child.wait().unwrap())
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
@@ -332,19 +347,19 @@ async fn a_second_signal_exits_at_once() {
         .unwrap();
     let mut body = r.bytes_stream();
     body.next().await.unwrap().unwrap();
-    let pid = Pid::from_raw(gw.0.id() as i32);
+    let pid = Pid::from_raw(gw.child.id() as i32);
     kill(pid, Signal::SIGTERM).unwrap();
     // Still draining: the 100 s stream keeps flowing.
     body.next().await.unwrap().unwrap();
     assert!(
-        gw.0.try_wait().unwrap().is_none(),
+        gw.child.try_wait().unwrap().is_none(),
         "first signal drains, does not exit"
     );
     kill(pid, Signal::SIGINT).unwrap();
     let status = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::task::spawn_blocking(move || {
-            let s = gw.0.wait().unwrap();
+            let s = gw.child.wait().unwrap();
             std::mem::forget(gw);
             s
         }),
@@ -382,9 +397,9 @@ async fn one_structured_log_event_per_request_without_prompts_or_keys() {
         .unwrap();
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    kill(Pid::from_raw(gw.0.id() as i32), Signal::SIGTERM).unwrap();
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
     let output = tokio::task::spawn_blocking(move || {
-        let child = std::mem::replace(&mut gw.0, Command::new("true").spawn().unwrap());
+        let child = std::mem::replace(&mut gw.child, Command::new("true").spawn().unwrap());
         child.wait_with_output().unwrap()
     })
     .await
