@@ -176,9 +176,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The gateway process (killed when dropped) and its config file.
+/// The gateway process (killed when dropped), its config file and its base URL.
 struct Proc {
     child: Child,
+    url: String,
     _config: TempFile,
 }
 
@@ -189,32 +190,30 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_gateway(config: &str, env: &[(&str, &str)]) -> Proc {
+/// Runs `llm-gateway serve` on a free port (set through the environment override) and
+/// returns once `/health` answers.
+async fn spawn_gateway(config: &str, env: &[(&str, &str)]) -> Proc {
     let path = temp_file("gw.toml", config);
+    let listen = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(BIN);
     cmd.args(["serve", "--config", path.to_str().unwrap()])
         .env("RUST_LOG", "warn")
+        .env("LLM_GATEWAY__SERVER__LISTEN", &listen)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Proc {
+    let mut p = Proc {
         child: cmd.spawn().unwrap(),
+        url: format!("http://{listen}"),
         _config: path,
-    }
-}
-
-async fn wait_healthy(port: u16, p: &mut Proc) {
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(r) = client()
-            .get(format!("http://127.0.0.1:{port}/health"))
-            .send()
-            .await
-        {
+        if let Ok(r) = client().get(format!("{}/health", p.url)).send().await {
             assert_eq!(r.status(), 200);
-            return;
+            return p;
         }
         if let Some(status) = p.child.try_wait().unwrap() {
             let mut err = String::new();
@@ -229,6 +228,19 @@ async fn wait_healthy(port: u16, p: &mut Proc) {
     }
 }
 
+/// Starts a streamed chat completion through the gateway process.
+async fn start_stream(
+    gw: &Proc,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + use<> {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream()
+}
+
 fn gateway_config(base_url: &str, backend_extra: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:1\"\n[health_check]\nenabled = false\n{}{}",
@@ -241,24 +253,19 @@ fn gateway_config(base_url: &str, backend_extra: &str) -> String {
 async fn serve_reads_credentials_and_env_overrides() {
     let up = mock().await;
     let creds = temp_file("upstream-key", "sk-from-credential\n");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut gw = spawn_gateway(
+    let gw = spawn_gateway(
         &gateway_config(
             &up.base_url(),
             "api_key = { credential = \"upstream-key\" }",
         ),
-        &[
-            (
-                "CREDENTIALS_DIRECTORY",
-                creds.parent().unwrap().to_str().unwrap(),
-            ),
-            ("LLM_GATEWAY__SERVER__LISTEN", &listen),
-        ],
-    );
-    wait_healthy(port, &mut gw).await;
+        &[(
+            "CREDENTIALS_DIRECTORY",
+            creds.parent().unwrap().to_str().unwrap(),
+        )],
+    )
+    .await;
     let r = client()
-        .post(format!("http://{listen}/v1/chat/completions"))
+        .post(format!("{}/v1/chat/completions", gw.url))
         .json(&chat_body(false))
         .send()
         .await
@@ -296,19 +303,8 @@ async fn sigterm_drains_streams_then_exits_zero() {
         ..Default::default()
     })
     .await;
-    let port = free_port();
-    let mut gw = spawn_gateway(
-        &gateway_config(&up.base_url(), ""),
-        &[("LLM_GATEWAY__SERVER__LISTEN", &format!("127.0.0.1:{port}"))],
-    );
-    wait_healthy(port, &mut gw).await;
-    let r = client()
-        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
-    let mut body = r.bytes_stream();
+    let mut gw = spawn_gateway(&gateway_config(&up.base_url(), ""), &[]).await;
+    let mut body = std::pin::pin!(start_stream(&gw).await);
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
     kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
     while let Some(chunk) = body.next().await {
@@ -333,19 +329,8 @@ async fn a_second_signal_exits_at_once() {
         ..Default::default()
     })
     .await;
-    let port = free_port();
-    let mut gw = spawn_gateway(
-        &gateway_config(&up.base_url(), ""),
-        &[("LLM_GATEWAY__SERVER__LISTEN", &format!("127.0.0.1:{port}"))],
-    );
-    wait_healthy(port, &mut gw).await;
-    let r = client()
-        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .json(&chat_body(true))
-        .send()
-        .await
-        .unwrap();
-    let mut body = r.bytes_stream();
+    let mut gw = spawn_gateway(&gateway_config(&up.base_url(), ""), &[]).await;
+    let mut body = std::pin::pin!(start_stream(&gw).await);
     body.next().await.unwrap().unwrap();
     let pid = Pid::from_raw(gw.child.id() as i32);
     kill(pid, Signal::SIGTERM).unwrap();
@@ -373,22 +358,20 @@ async fn a_second_signal_exits_at_once() {
 #[tokio::test]
 async fn one_structured_log_event_per_request_without_prompts_or_keys() {
     let up = mock().await;
-    let port = free_port();
     let mut gw = spawn_gateway(
         &gateway_config(&up.base_url(), ""),
         &[
-            ("LLM_GATEWAY__SERVER__LISTEN", &format!("127.0.0.1:{port}")),
             ("LLM_GATEWAY__LOGGING__FORMAT", "json"),
             ("RUST_LOG", "info"),
         ],
-    );
-    wait_healthy(port, &mut gw).await;
+    )
+    .await;
     let body = serde_json::json!({
         "model": "m",
         "messages": [{"role": "user", "content": "SECRET-PROMPT-MARKER"}],
     });
     let r = client()
-        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .post(format!("{}/v1/chat/completions", gw.url))
         .header("authorization", "Bearer sk-CLIENT-KEY-MARKER")
         .header("x-request-id", "log-test-1")
         .json(&body)

@@ -243,6 +243,15 @@ async fn slow_body_is_cut_off_with_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
 }
 
+/// A streamed chat completion request as raw HTTP/1.1 bytes, for tests that need one socket.
+fn raw_stream_request() -> String {
+    let body = serde_json::to_string(&chat_body(true)).unwrap();
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// Reads one chunked HTTP/1.1 response from `s` (up to the terminating chunk).
 async fn read_chunked_response(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();
@@ -266,11 +275,7 @@ async fn streams_over_a_reused_connection_do_not_stall() {
     let up = mock().await;
     let gw = Gateway::start(&config_for(&[&up], "")).await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    let body = serde_json::to_string(&chat_body(true)).unwrap();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let request = raw_stream_request();
     let mut times = Vec::new();
     for i in 0..21 {
         let t = Instant::now();
@@ -422,11 +427,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_upstream_cancelled() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut s = socket.connect(gw.addr).await.unwrap();
-    let body = serde_json::to_string(&chat_body(true)).unwrap();
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let request = raw_stream_request();
     s.write_all(request.as_bytes()).await.unwrap();
     // Never read. The gateway's writes stall, it gives up, and drops the upstream stream.
     wait_for("upstream stream cancelled", Duration::from_secs(60), || {
