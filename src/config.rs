@@ -86,6 +86,15 @@ pub struct Config {
     /// Log level and format.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// State directory and database.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Client authentication.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Usage ledger: spool and shipping to the database.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
     /// Inference servers the gateway may send requests to.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
@@ -254,6 +263,136 @@ impl Default for LoggingConfig {
         Self {
             level: "info".to_owned(),
             format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory for the SQLite database and the ledger spool. Unset: `$STATE_DIRECTORY`
+    /// (systemd's `StateDirectory=`), else `/var/lib/llm-gateway`.
+    pub state_dir: Option<PathBuf>,
+    /// `sqlite:///path/file.db` or `postgres:///db?host=/run/postgresql` (peer auth over a
+    /// unix socket). Unset: SQLite in `state_dir`. Never put a password here.
+    pub database_url: Option<String>,
+    /// PostgreSQL password, when the server needs one: a secret reference like `api_key`.
+    pub database_password: Option<SecretRef>,
+    /// Database connections kept by one instance.
+    pub max_connections: u32,
+    /// Time to connect to the database (at start and when a connection is needed).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How often this instance writes its heartbeat to the instance registry.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: None,
+            database_url: None,
+            database_password: None,
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The state directory in effect.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .or_else(|| {
+                // systemd may pass several, separated by ':'; the first is ours.
+                std::env::var_os("STATE_DIRECTORY").and_then(|v| {
+                    v.to_str()
+                        .and_then(|s| s.split(':').next())
+                        .map(PathBuf::from)
+                })
+            })
+            .unwrap_or_else(|| PathBuf::from("/var/lib/llm-gateway"))
+    }
+}
+
+/// Whether clients must present an API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every API request needs `Authorization: Bearer <key>` of a key in the database.
+    #[default]
+    Keys,
+    /// No authentication: for trusted networks only. Usage is recorded without a key.
+    Open,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `keys` (default) or `open`.
+    pub mode: AuthMode,
+    /// How often the in-memory key table is reloaded from the database: the longest time a
+    /// new, revoked or changed key takes to take effect.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Keys,
+            refresh_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What happens when the ledger spool reaches `ledger.spool_max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolFullPolicy {
+    /// New API requests get 503 until the database catches up: nothing is served unrecorded.
+    #[default]
+    Reject,
+    /// Requests are served; their records are dropped and counted in
+    /// `llm_gateway_ledger_dropped_total`.
+    Drop,
+}
+
+/// `[ledger]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Largest size of unshipped records kept in the spool.
+    pub spool_max_bytes: u64,
+    /// Spool segment file size; shipped segments are deleted whole.
+    pub segment_bytes: u64,
+    /// `reject` (default) or `drop`, when the spool is full.
+    pub on_full: SpoolFullPolicy,
+    /// Most records in one multi-row insert.
+    pub batch_size: usize,
+    /// Longest time a record waits in the spool before a shipping attempt (while the
+    /// database is reachable); also how often the spool is synced to disk.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Usage records older than this are deleted in small batches; "0s" keeps them all.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            spool_max_bytes: 1 << 30,
+            segment_bytes: 16 << 20,
+            on_full: SpoolFullPolicy::Reject,
+            batch_size: 500,
+            flush_interval: Duration::from_secs(1),
+            retention: Duration::ZERO,
         }
     }
 }
@@ -428,6 +567,7 @@ impl Config {
                 "must be >= 1",
             ));
         }
+        self.validate_storage()?;
         tracing_subscriber::EnvFilter::try_new(&self.logging.level)
             .map_err(|e| ConfigError::invalid("logging.level", e.to_string()))?;
 
@@ -523,6 +663,69 @@ impl Config {
         Ok(())
     }
 
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        let st = &self.storage;
+        if let Some(url) = &st.database_url {
+            let parsed = url::Url::parse(url)
+                .map_err(|e| ConfigError::invalid("storage.database_url", e.to_string()))?;
+            if !matches!(parsed.scheme(), "sqlite" | "postgres" | "postgresql") {
+                return Err(ConfigError::invalid(
+                    "storage.database_url",
+                    "must start with sqlite:, postgres: or postgresql:",
+                ));
+            }
+            if parsed.password().is_some() {
+                return Err(ConfigError::invalid(
+                    "storage.database_url",
+                    "must not carry a password (use storage.database_password)",
+                ));
+            }
+        }
+        if st.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "storage.max_connections",
+                "must be >= 1",
+            ));
+        }
+        for (key, d) in [
+            ("storage.connect_timeout", st.connect_timeout),
+            ("storage.heartbeat_interval", st.heartbeat_interval),
+            ("auth.refresh_interval", self.auth.refresh_interval),
+            ("ledger.flush_interval", self.ledger.flush_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::invalid(key, "must be > 0"));
+            }
+        }
+        let l = &self.ledger;
+        if l.batch_size == 0 || l.batch_size > 10_000 {
+            return Err(ConfigError::invalid("ledger.batch_size", "must be 1-10000"));
+        }
+        if l.segment_bytes < 4096 {
+            return Err(ConfigError::invalid(
+                "ledger.segment_bytes",
+                "must be >= 4096",
+            ));
+        }
+        if l.spool_max_bytes < l.segment_bytes {
+            return Err(ConfigError::invalid(
+                "ledger.spool_max_bytes",
+                "must be >= ledger.segment_bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database in effect: `storage.database_url`, or SQLite in the state directory.
+    pub fn database_url(&self) -> String {
+        self.storage.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.storage.state_dir().join("llm-gateway.db").display()
+            )
+        })
+    }
+
     /// Reads every backend's API key from where its reference points.
     pub fn resolve_secrets(&self) -> Result<Vec<Option<Secret>>, ConfigError> {
         self.backends
@@ -542,11 +745,20 @@ impl Config {
     }
 
     /// The configuration `llm-gateway demo` runs: one model on the bundled mock upstream.
-    pub fn demo(listen: SocketAddr, mock: SocketAddr) -> Result<Self, ConfigError> {
+    /// Keys are required, as in production; the usage ledger is SQLite in `state_dir`.
+    pub fn demo(
+        listen: SocketAddr,
+        mock: SocketAddr,
+        state_dir: &Path,
+    ) -> Result<Self, ConfigError> {
+        let state_dir = toml::Value::String(state_dir.display().to_string());
         let text = format!(
             r#"
 [server]
 listen = "{listen}"
+
+[storage]
+state_dir = {state_dir}
 
 [[backends]]
 name = "mock"

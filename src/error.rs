@@ -5,6 +5,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::auth::AuthFailure;
+use crate::ratelimit::{LimitKind, Refusal, Snapshot, format_reset};
+
 /// An error from an upstream that is safe to show the client: only OpenAI's four fields,
 /// with the backend's credentials scrubbed from the message.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -39,8 +42,16 @@ pub enum ApiError {
     UnknownPath(String),
     #[error("Method {0} is not allowed for this URL.")]
     MethodNotAllowed(String),
+    #[error("{}", auth_message(*.0))]
+    Unauthorized(AuthFailure),
+    #[error("This API key may not use the model `{0}`.")]
+    ModelNotAllowed(String),
+    #[error("{}", rate_limit_message(.0))]
+    RateLimited(Refusal),
     #[error("The gateway is handling too many requests; retry shortly.")]
     Overloaded,
+    #[error("The gateway cannot record usage right now (its ledger spool is full); retry shortly.")]
+    LedgerFull,
     #[error("The gateway is shutting down; retry on another instance.")]
     Draining,
     #[error("No healthy backend is available for model `{0}`; retry shortly.")]
@@ -90,7 +101,11 @@ impl ApiError {
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ModelNotFound(_) | Self::UnknownPath(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Overloaded
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::LedgerFull
+            | Self::Overloaded
             | Self::Draining
             | Self::NoHealthyBackend(_)
             | Self::BackendsSaturated(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -111,7 +126,11 @@ impl ApiError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::UnknownPath(_) => "unknown_path",
             Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::RateLimited(_) => "rate_limited",
             Self::Overloaded => "overloaded",
+            Self::LedgerFull => "ledger_full",
             Self::Draining => "draining",
             Self::NoHealthyBackend(_) => "no_healthy_backend",
             Self::BackendsSaturated(_) => "backends_saturated",
@@ -123,6 +142,13 @@ impl ApiError {
     }
 
     fn error_type(&self) -> &'static str {
+        if let Self::RateLimited(r) = self {
+            // OpenAI names the exhausted limit here.
+            return match r.kind {
+                LimitKind::Requests => "requests",
+                LimitKind::Tokens => "tokens",
+            };
+        }
         match self.status() {
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             s if s.is_client_error() => "invalid_request_error",
@@ -133,7 +159,7 @@ impl ApiError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::InvalidParam { param, .. } => Some(param),
-            Self::ModelNotFound(_) => Some("model"),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => Some("model"),
             _ => None,
         }
     }
@@ -141,6 +167,8 @@ impl ApiError {
     fn code(&self) -> &'static str {
         match self {
             Self::InvalidParam { code, .. } => code,
+            Self::Unauthorized(_) => "invalid_api_key",
+            Self::RateLimited(_) => "rate_limit_exceeded",
             Self::UpstreamStatus { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
                 "rate_limit_exceeded"
             }
@@ -151,11 +179,65 @@ impl ApiError {
     fn retry_after(&self) -> Option<HeaderValue> {
         match self {
             Self::Overloaded
+            | Self::LedgerFull
             | Self::Draining
             | Self::NoHealthyBackend(_)
             | Self::BackendsSaturated(_) => Some(HeaderValue::from_static("1")),
+            Self::RateLimited(r) => Some(HeaderValue::from(
+                r.retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            )),
             Self::UpstreamStatus { retry_after, .. } => retry_after.clone(),
             _ => None,
+        }
+    }
+}
+
+fn auth_message(failure: AuthFailure) -> &'static str {
+    match failure {
+        AuthFailure::Missing => {
+            "You didn't provide an API key. Send it in an Authorization header using Bearer \
+             auth (Authorization: Bearer YOUR_KEY)."
+        }
+        AuthFailure::Invalid => "Incorrect API key provided.",
+        AuthFailure::Revoked => "This API key has been revoked.",
+        AuthFailure::Expired => "This API key has expired.",
+    }
+}
+
+fn rate_limit_message(r: &Refusal) -> String {
+    let what = match r.kind {
+        LimitKind::Requests => "requests per min (RPM)",
+        LimitKind::Tokens => "tokens per min (TPM)",
+    };
+    format!(
+        "Rate limit reached for {what}: Limit {}, Requested {}. Please try again in {}.",
+        r.limit,
+        r.requested,
+        format_reset(r.retry_after)
+    )
+}
+
+/// `x-ratelimit-*` headers as OpenAI sends them, for the limits a key has.
+pub fn rate_limit_headers(headers: &mut axum::http::HeaderMap, s: &Snapshot) {
+    use axum::http::HeaderName;
+    const NAMES: [[HeaderName; 3]; 2] = [
+        [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+        ],
+        [
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ],
+    ];
+    for ([limit, remaining, reset], bucket) in NAMES.into_iter().zip([s.requests, s.tokens]) {
+        let Some(b) = bucket else { continue };
+        headers.insert(limit, HeaderValue::from(b.limit));
+        headers.insert(remaining, HeaderValue::from(b.remaining));
+        if let Ok(v) = HeaderValue::try_from(format_reset(b.reset)) {
+            headers.insert(reset, v);
         }
     }
 }
@@ -220,6 +302,13 @@ impl IntoResponse for ApiError {
         );
         if let Some(v) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, v);
+        }
+        match &self {
+            Self::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::RateLimited(r) => rate_limit_headers(headers, &r.snapshot),
+            _ => {}
         }
         response
     }

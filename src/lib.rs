@@ -1,13 +1,18 @@
 //! llm-gateway: an authenticated, metered, observable OpenAI-compatible front door to
 //! self-hosted inference servers. `serve` runs it on listeners the caller has bound.
 
+pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod ledger;
 pub mod metrics;
 pub mod mock;
 pub mod ops;
 pub mod proxy;
+pub mod ratelimit;
+pub mod registry;
 pub mod relay;
 pub mod routes;
 pub mod secret;
@@ -15,6 +20,7 @@ pub mod server;
 pub mod sse;
 pub mod stall;
 pub mod state;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;
 pub mod usage;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use llm_gateway::cli::{Cli, Command};
 use llm_gateway::mock::{MockBehavior, MockState};
-use llm_gateway::{Config, Listeners, serve, telemetry};
+use llm_gateway::{Config, Listeners, admin, serve, telemetry};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// mimalloc: the proxy path allocates many small, short-lived buffers; the system
@@ -24,6 +24,22 @@ fn main() -> ExitCode {
             run_serve(c)
         }),
         Command::Demo { listen } => run_demo(listen),
+        Command::Migrate { config } => admin(&config, |c| async move { admin::migrate(&c).await }),
+        Command::Keys { config, action } => match config {
+            Some(config) => admin(&config, |c| async move { admin::keys(&c, action).await }),
+            None => Err(anyhow::anyhow!(
+                "keys: --config (or LLM_GATEWAY_CONFIG) is required"
+            )),
+        },
+        Command::Usage { config, since, by } => {
+            admin(
+                &config,
+                |c| async move { admin::usage(&c, since, by).await },
+            )
+        }
+        Command::Instances { config } => {
+            admin(&config, |c| async move { admin::instances(&c).await })
+        }
         Command::MockUpstream {
             listen,
             chunks,
@@ -41,6 +57,18 @@ fn main() -> ExitCode {
 
 fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(Some(path)).with_context(|| format!("invalid configuration {}", path.display()))
+}
+
+/// Runs an operator command on a small runtime and prints its output.
+fn admin<F, Fut>(path: &Path, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<String, admin::AdminError>>,
+{
+    let config = load(path)?;
+    let out = runtime(1)?.block_on(command(config))?;
+    print!("{out}");
+    Ok(())
 }
 
 fn check_config(path: &Path) -> anyhow::Result<()> {
@@ -112,14 +140,22 @@ fn run_demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
             .await
             .context("cannot bind the mock upstream")?;
         let mock_addr = mock_listener.local_addr()?;
-        let config = Config::demo(listen, mock_addr)?;
+        let state_dir =
+            std::env::temp_dir().join(format!("llm-gateway-demo-{}", std::process::id()));
+        let config = Config::demo(listen, mock_addr, &state_dir)?;
         telemetry::init(&config.logging);
+        let key = admin::demo_key(&config).await?;
         let listeners = Listeners::bind(&config)
             .await
             .with_context(|| format!("cannot bind {listen}"))?;
         eprintln!(
             "\nDEMO MODE: the gateway on http://{listen} serves model \"demo\" from a bundled MOCK \
-             upstream on {mock_addr}\n(it is not a language model). Try:\n\n  curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\nCtrl-C stops it.\n"
+             upstream on {mock_addr}\n(it is not a language model). Usage goes to a SQLite ledger in \
+             {}, removed at exit.\nA demo API key was created (60 requests/minute). Try:\n\n  \
+             curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n    \
+             -H 'authorization: Bearer {key}' \\\n    \
+             -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\nCtrl-C stops it.\n",
+            state_dir.display()
         );
         let (mock_stop_tx, mock_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mock = llm_gateway::mock::serve(
@@ -135,6 +171,9 @@ fn run_demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
             result
         };
         let (gateway, mock) = tokio::join!(gateway, mock);
+        if let Err(e) = std::fs::remove_dir_all(&state_dir) {
+            tracing::warn!(error = %e, dir = %state_dir.display(), "cannot remove the demo state");
+        }
         mock.context("mock upstream failed")?;
         gateway
     })

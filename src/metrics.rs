@@ -64,6 +64,11 @@ struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -87,7 +92,32 @@ pub struct Metrics {
     backend_up: Family<BackendLabels, Gauge>,
     backend_ejected: Family<BackendLabels, Gauge>,
     backend_in_flight: Family<BackendLabels, Gauge>,
+    auth_failures: Family<ReasonLabels, Counter>,
+    rate_limited: Family<ReasonLabels, Counter>,
+    /// Failed reloads of the key table from the database.
+    pub key_refresh_failures: Counter,
+    /// Usage ledger counters and gauges.
+    pub ledger: LedgerMetrics,
     none: Label,
+}
+
+/// The usage ledger's metrics; the ledger and its shipper update them.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerMetrics {
+    /// Records appended to the spool.
+    pub spooled: Counter,
+    /// Records committed to the database (re-shipped duplicates not counted).
+    pub written: Counter,
+    /// Failed batch inserts.
+    pub write_failures: Counter,
+    /// Records lost because the spool was full (`on_full = "drop"`) or unwritable.
+    pub dropped: Counter,
+    /// Damaged spool frames skipped.
+    pub corrupt_frames: Counter,
+    /// Unshipped bytes in the spool.
+    pub spool_bytes: Gauge,
+    /// Age of the oldest unshipped record, in milliseconds (0 when caught up).
+    pub lag_ms: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -168,6 +198,60 @@ impl Metrics {
             "Requests in flight per backend",
             backend_in_flight.clone(),
         );
+        let auth_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Requests refused with 401/403, by reason (missing, invalid, revoked, expired, model_not_allowed)",
+            auth_failures.clone(),
+        );
+        let rate_limited = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a key's limit (requests or tokens)",
+            rate_limited.clone(),
+        );
+        let key_refresh_failures = Counter::default();
+        registry.register(
+            "key_refresh_failures",
+            "Failed reloads of the API key table from the database (the last table stays in use)",
+            key_refresh_failures.clone(),
+        );
+        let ledger = LedgerMetrics::default();
+        registry.register(
+            "ledger_records_spooled",
+            "Usage records appended to the local spool",
+            ledger.spooled.clone(),
+        );
+        registry.register(
+            "ledger_records_written",
+            "Usage records committed to the database",
+            ledger.written.clone(),
+        );
+        registry.register(
+            "ledger_write_failures",
+            "Failed usage batch inserts (the records stay in the spool and are retried)",
+            ledger.write_failures.clone(),
+        );
+        registry.register(
+            "ledger_records_dropped",
+            "Usage records lost: spool full with on_full = \"drop\", or the spool unwritable",
+            ledger.dropped.clone(),
+        );
+        registry.register(
+            "ledger_spool_corrupt_frames",
+            "Damaged or torn spool records skipped",
+            ledger.corrupt_frames.clone(),
+        );
+        registry.register(
+            "ledger_spool_bytes",
+            "Bytes of unshipped usage records in the spool",
+            ledger.spool_bytes.clone(),
+        );
+        registry.register(
+            "ledger_lag_milliseconds",
+            "Age of the oldest usage record not yet in the database (0 when caught up)",
+            ledger.lag_ms.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -186,6 +270,10 @@ impl Metrics {
             backend_up,
             backend_ejected,
             backend_in_flight,
+            auth_failures,
+            rate_limited,
+            key_refresh_failures,
+            ledger,
             none: Label(Arc::from(NONE)),
         }
     }
@@ -230,6 +318,20 @@ impl Metrics {
                 backend: Label(Arc::clone(backend)),
                 kind,
             })
+            .inc();
+    }
+
+    /// Counts a request refused for authentication or permission.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a request refused by a rate limit (`requests` or `tokens`).
+    pub fn rate_limited(&self, reason: &'static str) {
+        self.rate_limited
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

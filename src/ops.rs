@@ -9,8 +9,10 @@ use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::config::AuthMode;
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::now_ms;
 use crate::upstream::Health;
 use crate::upstream::breaker::BreakerState;
 
@@ -36,12 +38,28 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             })
         })
         .collect();
+    let db_up =
+        state.db_up.load(std::sync::atomic::Ordering::Relaxed) && state.ledger.database_ok();
+    degraded |= !db_up;
+    let keys_loaded = state.keys.loaded_at_ms();
+    let database = json!({
+        "engine": state.db_engine,
+        "state": if db_up { "up" } else { "down" },
+        "auth": match state.auth_mode { AuthMode::Keys => "keys", AuthMode::Open => "open" },
+        "keys": state.keys.len(),
+        "keys_loaded_ms_ago": (keys_loaded > 0).then(|| (now_ms() - keys_loaded).max(0)),
+        "live_instances": state.live_instances(),
+        "ledger_spool_bytes": state.ledger.spool_bytes(),
+        "ledger_lag_ms": state.ledger.lag_ms(),
+        "ledger_accepting": state.ledger.accepting(),
+    });
     Json(json!({
         "status": if degraded { "degraded" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "draining": state.is_draining(),
         "backends": backends,
+        "database": database,
     }))
     .into_response()
 }
@@ -53,6 +71,10 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         Some("draining")
     } else if !state.backends.iter().any(|b| b.is_usable(now)) {
         Some("no usable backend")
+    } else if !state.ledger.accepting() {
+        // A database outage alone does not make an instance unready (requests are spooled);
+        // only a full spool with on_full = "reject" does.
+        Some("usage spool full")
     } else {
         None
     };

@@ -15,11 +15,18 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::error::{ApiError, sanitize_upstream_error, upstream_status_is_clients};
+use crate::auth::KeyEntry;
+use crate::config::AuthMode;
+use crate::error::{
+    ApiError, rate_limit_headers, sanitize_upstream_error, upstream_status_is_clients,
+};
 use crate::metrics::{InFlight, RequestSample};
+use crate::ratelimit::{LimitKind, Limiter, Snapshot};
 use crate::relay::{Relay, StreamSummary};
 use crate::sse::SseScanner;
 use crate::state::{AppState, Model};
+use crate::store::now_ms;
+use crate::store::usage::UsageRecord;
 use crate::telemetry::{REQUEST_ID_HEADER, RequestId};
 use crate::upstream::balancer::{self, PickError};
 use crate::upstream::{Attempt, Route};
@@ -114,6 +121,16 @@ struct Record {
     stream: bool,
     ttft: Option<Duration>,
     finished: bool,
+    /// Request id as sent to the client and upstream.
+    request_id: HeaderValue,
+    /// Authenticated (or open mode): the request goes into the usage ledger.
+    ledgered: bool,
+    /// The client's key (keys mode).
+    key: Option<Arc<KeyEntry>>,
+    /// Tokens reserved from the key's limiter, settled at the end.
+    reservation: Option<(Arc<Limiter>, u64)>,
+    /// Rate-limit state for the response headers.
+    limits: Option<Snapshot>,
 }
 
 /// Status logged for a client that went away before the answer (nginx's convention).
@@ -144,6 +161,29 @@ impl Record {
             return;
         }
         let duration = self.started.elapsed();
+        let t = tokens.unwrap_or_default();
+        if let Some((limiter, estimated)) = self.reservation.take() {
+            limiter.settle(estimated, t.prompt + t.completion);
+        }
+        if self.ledgered {
+            self.state.ledger.append(&UsageRecord {
+                id: uuid::Uuid::new_v4().to_string(),
+                request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
+                ts_ms: now_ms(),
+                key_id: self.key.as_ref().map(|k| k.id.to_string()),
+                model: self.model.as_deref().map(str::to_owned),
+                backend: self.backend.as_deref().map(str::to_owned),
+                endpoint: self.endpoint.label().to_owned(),
+                status,
+                prompt_tokens: t.prompt,
+                completion_tokens: t.completion,
+                estimated: t.estimated,
+                latency_us: micros(duration),
+                ttft_us: self.ttft.map(micros),
+                client_disconnected: disconnected,
+                instance_id: self.state.instance_id.to_string(),
+            });
+        }
         self.state.metrics.record_request(&RequestSample {
             endpoint: self.endpoint.label(),
             model: self.model.as_ref(),
@@ -154,10 +194,10 @@ impl Record {
             tokens,
         });
         let _entered = self.span.enter();
-        let t = tokens.unwrap_or_default();
         tracing::info!(
             target: "llm_gateway::access",
             endpoint = self.endpoint.label(),
+            key = self.key.as_ref().map_or("-", |k| &k.id),
             model = self.model.as_deref().unwrap_or("-"),
             backend = self.backend.as_deref().unwrap_or("-"),
             status,
@@ -173,6 +213,10 @@ impl Record {
             "request finished"
         );
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Held for as long as the request (or its stream) lives.
@@ -218,7 +262,32 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         stream: false,
         ttft: None,
         finished: false,
+        request_id: request
+            .extensions()
+            .get::<RequestId>()
+            .map(|id| id.0.clone())
+            .unwrap_or(HeaderValue::from_static("-")),
+        ledgered: false,
+        key: None,
+        reservation: None,
+        limits: None,
     };
+    if state.auth_mode == AuthMode::Keys {
+        match state
+            .keys
+            .authenticate(request.headers().get(header::AUTHORIZATION))
+        {
+            Ok(key) => record.key = Some(key),
+            Err(failure) => {
+                state.metrics.auth_failure(failure.label());
+                return fail(&mut record, ApiError::Unauthorized(failure));
+            }
+        }
+    }
+    if !state.ledger.accepting() {
+        return fail(&mut record, ApiError::LedgerFull);
+    }
+    record.ledgered = true;
     let Ok(permit) = Arc::clone(&state.limiter).try_acquire_owned() else {
         return fail(&mut record, ApiError::Overloaded);
     };
@@ -252,9 +321,11 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             };
             record.finish(200, Some(tokens), None, false);
             let mut response = Response::new(Body::from(body));
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, content_type);
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, content_type);
+            if let Some(limits) = &record.limits {
+                rate_limit_headers(headers, limits);
+            }
             response
         }
         Reply::Stream {
@@ -264,6 +335,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             idle_timeout,
         } => {
             let mut record = record;
+            let limits = record.limits;
             let on_end = Box::new(move |summary: StreamSummary| {
                 let _guards = guards;
                 let tokens =
@@ -309,6 +381,9 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             );
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            if let Some(limits) = &limits {
+                rate_limit_headers(headers, limits);
+            }
             response
         }
     }
@@ -316,7 +391,11 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
 
 fn fail(record: &mut Record, error: ApiError) -> Response {
     record.finish(error.status().as_u16(), None, Some(error.kind()), false);
-    error.into_response()
+    let mut response = error.into_response();
+    if let Some(limits) = &record.limits {
+        rate_limit_headers(response.headers_mut(), limits);
+    }
+    response
 }
 
 /// Validates the request and runs the attempts.
@@ -326,11 +405,7 @@ async fn proxy(
     request: Request,
     record: &mut Record,
 ) -> Result<Proxied, ApiError> {
-    let request_id = request
-        .extensions()
-        .get::<RequestId>()
-        .map(|id| id.0.clone())
-        .unwrap_or(HeaderValue::from_static("-"));
+    let request_id = record.request_id.clone();
     let raw = read_body(request, state.max_body_bytes, state.body_read_timeout).await?;
     let head = Head::parse(&raw)?;
     let model_name = match head.model {
@@ -381,6 +456,29 @@ async fn proxy(
         .ok_or_else(|| ApiError::ModelNotFound(model_name.clone()))?;
     record.model = Some(Arc::clone(&model.name));
     record.stream = stream;
+    if let Some(key) = record.key.clone() {
+        if !key.allows(&model_name) {
+            state.metrics.auth_failure("model_not_allowed");
+            return Err(ApiError::ModelNotAllowed(model_name));
+        }
+        if let Some(limiter) = &key.limiter {
+            let estimate = Tokens::estimate_from_bytes(raw.len()) + head.max_output_tokens();
+            match limiter.acquire(estimate, state.limit_share()) {
+                Ok(snapshot) => {
+                    record.limits = Some(snapshot);
+                    record.reservation = Some((Arc::clone(limiter), estimate));
+                }
+                Err(refusal) => {
+                    record.limits = Some(refusal.snapshot);
+                    state.metrics.rate_limited(match refusal.kind {
+                        LimitKind::Requests => "requests",
+                        LimitKind::Tokens => "tokens",
+                    });
+                    return Err(ApiError::RateLimited(refusal));
+                }
+            }
+        }
+    }
 
     let strip_usage = stream && state.upstream.request_stream_usage && !client_usage;
     let prompt_bytes = raw.len();
@@ -489,6 +587,10 @@ struct Head<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
 }
 
 impl<'a> Head<'a> {
@@ -499,6 +601,15 @@ impl<'a> Head<'a> {
             ));
         }
         serde_json::from_slice(raw).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    }
+
+    /// The most completion tokens the request allows (0 when it sets no bound): reserved
+    /// from a token rate limit up front, as OpenAI does.
+    fn max_output_tokens(&self) -> u64 {
+        self.max_completion_tokens
+            .or(self.max_tokens)
+            .and_then(|v| v.get().parse::<u64>().ok())
+            .unwrap_or(0)
     }
 }
 

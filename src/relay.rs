@@ -217,6 +217,11 @@ impl Stream for Relay {
         }
         match (batch.take(), end) {
             (Some(out), end) => {
+                if let Some(end) = end {
+                    // Account for the stream (usage ledger included) before its last
+                    // bytes go out, so a record exists for every answer a client has seen.
+                    this.end(end);
+                }
                 this.deferred = end;
                 Poll::Ready(Some(Ok(out)))
             }

@@ -14,10 +14,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::KeyTable;
 use crate::config::{Config, ConfigError};
+use crate::ledger::Ledger;
+use crate::ledger::spool::SpoolError;
+use crate::metrics::Metrics;
 use crate::stall::WriteStallGuard;
-use crate::state::AppState;
-use crate::{routes, upstream};
+use crate::state::{AppState, Storage};
+use crate::store::{Store, StoreError};
+use crate::{auth, registry, routes, upstream};
 
 /// Sockets the gateway serves on, bound by the caller (CLI, tests, or a service manager).
 #[derive(Debug)]
@@ -46,6 +51,44 @@ pub enum ServeError {
     /// The configuration could not be turned into backends.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The database could not be opened, migrated or read at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The ledger spool could not be opened.
+    #[error("usage spool: {0}")]
+    Spool(#[from] SpoolError),
+}
+
+/// Opens the database (migrating it), the spool, and the key table, and registers this
+/// instance: everything that must work before the first request is accepted.
+async fn open_storage(config: &Config) -> Result<(Store, Storage), ServeError> {
+    let store = Store::open(config).await?;
+    let metrics = Metrics::new();
+    let ledger = Ledger::open(
+        &config.ledger,
+        &config.storage.state_dir(),
+        metrics.ledger.clone(),
+    )?;
+    let keys = Arc::new(KeyTable::default());
+    keys.replace(store.list_keys().await?);
+    let instance_id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+    registry::register(&store, &instance_id, config).await?;
+    tracing::info!(
+        database = store.engine(),
+        keys = keys.len(),
+        auth = ?config.auth.mode,
+        spool_bytes = ledger.spool_bytes(),
+        instance = %instance_id,
+        "storage ready"
+    );
+    let storage = Storage {
+        keys,
+        ledger: Arc::new(ledger),
+        instance_id,
+        db_engine: store.engine(),
+        metrics,
+    };
+    Ok((store, storage))
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests and
@@ -55,9 +98,29 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let state = Arc::new(AppState::new(&config)?);
+    let (store, storage) = open_storage(&config).await?;
+    let state = Arc::new(AppState::new(&config, storage)?);
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
+    let stop_ledger = CancellationToken::new();
+    tracker.spawn(Arc::clone(&state.ledger).run_shipper(
+        store.clone(),
+        stop_ledger.clone(),
+        config.server.shutdown_timeout,
+    ));
+    tracker.spawn(auth::refresh(
+        Arc::clone(&state),
+        store.clone(),
+        config.auth.refresh_interval,
+        stop_accepting.clone(),
+    ));
+    tracker.spawn(registry::heartbeat(
+        Arc::clone(&state),
+        store.clone(),
+        registry::config_hash(&config),
+        config.storage.heartbeat_interval,
+        stop_accepting.clone(),
+    ));
     let hard_stop = CancellationToken::new();
     let graceful = GracefulShutdown::new();
 
@@ -120,8 +183,14 @@ pub async fn serve(
         tracing::warn!("shutdown timeout reached: closing remaining connections");
         hard_stop.cancel();
     }
+    // Every request has finished and written its record: ship what is left.
+    stop_ledger.cancel();
     tracker.close();
     tracker.wait().await;
+    if let Err(e) = store.mark_stopped(&state.instance_id).await {
+        tracing::warn!(error = %e, "cannot mark this instance stopped in the registry");
+    }
+    store.close().await;
     tracing::info!("shutdown complete");
     Ok(())
 }

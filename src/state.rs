@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, ConfigError, UpstreamConfig};
+use crate::auth::KeyTable;
+use crate::config::{AuthMode, Config, ConfigError, UpstreamConfig};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::upstream::{Backend, Route};
 
@@ -43,12 +45,40 @@ pub struct AppState {
     pub started: Instant,
     /// Unix time of start, for `created` in `/v1/models`.
     pub created_unix: u64,
+    /// `keys` or `open`.
+    pub auth_mode: AuthMode,
+    /// API keys, reloaded in the background.
+    pub keys: Arc<KeyTable>,
+    /// Usage ledger (spool and shipper state).
+    pub ledger: Arc<Ledger>,
+    /// This instance's id in the registry and the ledger.
+    pub instance_id: Arc<str>,
+    /// Database engine (`sqlite`, `postgres`).
+    pub db_engine: &'static str,
+    /// Outcome of the last database operation of a background task.
+    pub db_up: AtomicBool,
+    live_instances: AtomicUsize,
     draining: AtomicBool,
+}
+
+/// What the gateway keeps about clients and usage, opened before the state is built.
+#[derive(Debug)]
+pub struct Storage {
+    /// API keys.
+    pub keys: Arc<KeyTable>,
+    /// Usage ledger.
+    pub ledger: Arc<Ledger>,
+    /// This instance's id.
+    pub instance_id: Arc<str>,
+    /// Database engine name.
+    pub db_engine: &'static str,
+    /// The metrics registry (the ledger already holds its part).
+    pub metrics: Metrics,
 }
 
 impl AppState {
     /// Builds backends (reading their secrets) and the model table.
-    pub fn new(config: &Config) -> Result<Self, ConfigError> {
+    pub fn new(config: &Config, storage: Storage) -> Result<Self, ConfigError> {
         let secrets = config.resolve_secrets()?;
         let mut by_name = HashMap::new();
         let mut backends = Vec::with_capacity(config.backends.len());
@@ -83,7 +113,7 @@ impl AppState {
             models,
             model_order,
             backends,
-            metrics: Metrics::new(),
+            metrics: storage.metrics,
             limiter: Arc::new(Semaphore::new(config.server.max_concurrent_requests)),
             upstream: config.upstream.clone(),
             max_body_bytes: config.server.max_body_bytes,
@@ -92,8 +122,30 @@ impl AppState {
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            auth_mode: config.auth.mode,
+            keys: storage.keys,
+            ledger: storage.ledger,
+            instance_id: storage.instance_id,
+            db_engine: storage.db_engine,
+            db_up: AtomicBool::new(true),
+            live_instances: AtomicUsize::new(1),
             draining: AtomicBool::new(false),
         })
+    }
+
+    /// This instance's share of each key's rate limits: 1/n with n live instances.
+    pub fn limit_share(&self) -> f64 {
+        1.0 / self.live_instances.load(Ordering::Relaxed).max(1) as f64
+    }
+
+    /// Records how many instances share the database (from the registry).
+    pub fn set_live_instances(&self, n: usize) {
+        self.live_instances.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Live instances as last read from the registry.
+    pub fn live_instances(&self) -> usize {
+        self.live_instances.load(Ordering::Relaxed)
     }
 
     /// Shutdown has begun.

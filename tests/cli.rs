@@ -181,6 +181,7 @@ struct Proc {
     child: Child,
     url: String,
     _config: TempFile,
+    _state: tempfile::TempDir,
 }
 
 impl Drop for Proc {
@@ -193,7 +194,8 @@ impl Drop for Proc {
 /// Runs `llm-gateway serve` on a free port (set through the environment override) and
 /// returns once `/health` answers.
 async fn spawn_gateway(config: &str, env: &[(&str, &str)]) -> Proc {
-    let path = temp_file("gw.toml", config);
+    let state = tempfile::tempdir().unwrap();
+    let path = temp_file("gw.toml", &common::with_test_storage(config, state.path()));
     let listen = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(BIN);
     cmd.args(["serve", "--config", path.to_str().unwrap()])
@@ -208,6 +210,7 @@ async fn spawn_gateway(config: &str, env: &[(&str, &str)]) -> Proc {
         child: cmd.spawn().unwrap(),
         url: format!("http://{listen}"),
         _config: path,
+        _state: state,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

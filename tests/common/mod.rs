@@ -1,5 +1,6 @@
 //! Test support: a gateway on port 0 in this process, mock upstreams, and waiting helpers.
 #![allow(dead_code, reason = "each test crate uses a subset")]
+pub mod pg;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,6 +15,8 @@ use tokio::task::JoinHandle;
 pub struct Gateway {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The state directory (SQLite database and spool) unless the config names one.
+    pub state_dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -25,8 +28,12 @@ impl Gateway {
     }
 
     /// Like `start`, optionally with a separate metrics listener.
+    /// Without `[storage]` the gateway gets a fresh state directory (SQLite); without
+    /// `[auth]` it runs in open mode.
     pub async fn start_with(toml: &str, metrics_listener: bool) -> Self {
-        let config = Config::from_toml(toml).expect("test config is valid");
+        let state_dir = tempfile::tempdir().unwrap();
+        let toml = with_test_storage(toml, state_dir.path());
+        let config = Config::from_toml(&toml).expect("test config is valid");
         let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = if metrics_listener {
             Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
@@ -43,11 +50,33 @@ impl Gateway {
                 let _ = rx.await;
             },
         ));
-        Self {
+        let mut gw = Self {
             addr,
             metrics_addr,
+            state_dir,
             stop: Some(tx),
             task: Some(task),
+        };
+        gw.until_serving().await;
+        gw
+    }
+
+    /// Waits until `/health` answers; fails with serve's error if it ended instead.
+    async fn until_serving(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if client().get(self.url("/health")).send().await.is_ok() {
+                return;
+            }
+            if self.task.as_ref().is_some_and(JoinHandle::is_finished) {
+                let result = self.task.take().unwrap().await.unwrap();
+                panic!("gateway did not start: {result:?}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway never served"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -80,6 +109,21 @@ impl Drop for Gateway {
             task.abort();
         }
     }
+}
+
+/// Adds a `[storage]` in `dir` and open-mode `[auth]` where the config has none.
+pub fn with_test_storage(toml: &str, dir: &std::path::Path) -> String {
+    let mut toml = toml.to_owned();
+    if !toml.contains("[storage]") {
+        toml.push_str(&format!(
+            "\n[storage]\nstate_dir = {:?}\n",
+            dir.to_str().unwrap()
+        ));
+    }
+    if !toml.contains("[auth]") {
+        toml.push_str("\n[auth]\nmode = \"open\"\n");
+    }
+    toml
 }
 
 /// A mock upstream with default behaviour.

@@ -1,0 +1,47 @@
+-- API keys: only a SHA-256 of the secret is stored; the id is the public part of the key.
+CREATE TABLE api_keys (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    models        TEXT,             -- JSON array of allowed model names; NULL = all
+    rpm           BIGINT,
+    tpm           BIGINT,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT,
+    revoked_at_ms BIGINT
+);
+
+-- One row per request. `id` is the ledger's own id (idempotent re-shipping); request_id is
+-- what the client saw and may repeat. Times are Unix milliseconds, durations microseconds.
+CREATE TABLE usage_records (
+    id                  TEXT PRIMARY KEY,
+    request_id          TEXT NOT NULL,
+    ts_ms               BIGINT NOT NULL,
+    key_id              TEXT,
+    model               TEXT,
+    backend             TEXT,
+    endpoint            TEXT NOT NULL,
+    status              INTEGER NOT NULL,
+    prompt_tokens       BIGINT NOT NULL,
+    completion_tokens   BIGINT NOT NULL,
+    estimated           BOOLEAN NOT NULL,
+    latency_us          BIGINT NOT NULL,
+    ttft_us             BIGINT,
+    client_disconnected BOOLEAN NOT NULL,
+    instance_id         TEXT NOT NULL
+);
+-- `usage --since` (and retention) scan by time; `--by key` / `--by model` group within it.
+CREATE INDEX usage_records_ts ON usage_records (ts_ms);
+CREATE INDEX usage_records_key_ts ON usage_records (key_id, ts_ms);
+CREATE INDEX usage_records_model_ts ON usage_records (model, ts_ms);
+
+CREATE TABLE instances (
+    id              TEXT PRIMARY KEY,
+    host            TEXT NOT NULL,
+    pid             BIGINT NOT NULL,
+    version         TEXT NOT NULL,
+    config_hash     TEXT NOT NULL,
+    started_at_ms   BIGINT NOT NULL,
+    heartbeat_at_ms BIGINT NOT NULL,
+    stopped_at_ms   BIGINT
+);

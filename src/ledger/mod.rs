@@ -1,0 +1,231 @@
+//! Usage ledger: one record per request, appended to a local write-ahead spool on the
+//! request path (no database wait) and shipped to the database in batches by one task.
+
+pub mod spool;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{LedgerConfig, SpoolFullPolicy};
+use crate::metrics::LedgerMetrics;
+use crate::store::usage::UsageRecord;
+use crate::store::{Store, now_ms};
+use spool::{Spool, SpoolConfig, SpoolError};
+
+/// Room kept free in a `reject`-policy spool so that requests admitted while it filled up
+/// can still write their records.
+const ADMISSION_MARGIN: u64 = 1 << 20;
+/// Longest pause between shipping attempts while the database fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often old rows are deleted when `ledger.retention` is set.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// The spool and what the request path needs to append to it.
+#[derive(Debug)]
+pub struct Ledger {
+    spool: Spool,
+    config: LedgerConfig,
+    metrics: LedgerMetrics,
+    pending: AtomicUsize,
+    wake: Notify,
+    db_ok: AtomicBool,
+}
+
+impl Ledger {
+    /// Opens the spool in `state_dir/spool` (replaying what an earlier run left).
+    pub fn open(
+        config: &LedgerConfig,
+        state_dir: &Path,
+        metrics: LedgerMetrics,
+    ) -> Result<Self, SpoolError> {
+        let spool = Spool::open(SpoolConfig {
+            dir: state_dir.join("spool"),
+            segment_bytes: config.segment_bytes,
+            max_bytes: config.spool_max_bytes,
+        })?;
+        metrics.spool_bytes.set(gauge(spool.bytes()));
+        Ok(Self {
+            spool,
+            config: config.clone(),
+            metrics,
+            pending: AtomicUsize::new(0),
+            wake: Notify::new(),
+            db_ok: AtomicBool::new(true),
+        })
+    }
+
+    /// Whether new requests may be admitted: with `on_full = "reject"`, not while the
+    /// spool is (nearly) full.
+    pub fn accepting(&self) -> bool {
+        self.config.on_full == SpoolFullPolicy::Drop
+            || self.spool.bytes() + ADMISSION_MARGIN.min(self.config.spool_max_bytes / 4)
+                < self.config.spool_max_bytes
+    }
+
+    /// Appends one record (a single write to the spool file; survives a crash of the
+    /// process as soon as this returns).
+    pub fn append(&self, record: &UsageRecord) {
+        let bytes = match serde_json::to_vec(record) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode usage record");
+                self.metrics.dropped.inc();
+                return;
+            }
+        };
+        match self.spool.append(&bytes) {
+            Ok(()) => {
+                self.metrics.spooled.inc();
+                self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
+                if self.pending.fetch_add(1, Ordering::Relaxed) + 1 >= self.config.batch_size {
+                    self.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                self.metrics.dropped.inc();
+                tracing::error!(error = %e, request_id = %record.request_id, "usage record dropped");
+            }
+        }
+    }
+
+    /// Unshipped bytes in the spool.
+    pub fn spool_bytes(&self) -> u64 {
+        self.spool.bytes()
+    }
+
+    /// Whether the last shipping attempt reached the database.
+    pub fn database_ok(&self) -> bool {
+        self.db_ok.load(Ordering::Relaxed)
+    }
+
+    /// Age of the oldest unshipped record as last measured (ms).
+    pub fn lag_ms(&self) -> i64 {
+        self.metrics.lag_ms.get()
+    }
+
+    /// Ships every complete record in the spool; returns Err after the first failed insert
+    /// (the records stay and are retried).
+    async fn ship_all(&self, store: &Store) -> Result<(), ()> {
+        loop {
+            self.pending.store(0, Ordering::Relaxed);
+            let batch = match self.spool.read_batch(None, self.config.batch_size) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the usage spool");
+                    return Err(());
+                }
+            };
+            self.metrics.corrupt_frames.inc_by(
+                self.spool
+                    .corrupt_frames()
+                    .saturating_sub(self.metrics.corrupt_frames.get()),
+            );
+            if batch.records.is_empty() {
+                self.metrics.lag_ms.set(0);
+                self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
+                return Ok(());
+            }
+            let mut records = Vec::with_capacity(batch.records.len());
+            for raw in &batch.records {
+                match serde_json::from_slice::<UsageRecord>(raw) {
+                    Ok(r) => records.push(r),
+                    Err(e) => {
+                        // Checksummed but not a record: written by an incompatible version.
+                        tracing::error!(error = %e, "undecodable usage record skipped");
+                        self.metrics.corrupt_frames.inc();
+                    }
+                }
+            }
+            if let Some(oldest) = records.iter().map(|r| r.ts_ms).min() {
+                self.metrics.lag_ms.set((now_ms() - oldest).max(0));
+            }
+            match store.insert_usage(&records).await {
+                Ok(new) => {
+                    self.db_ok.store(true, Ordering::Relaxed);
+                    self.metrics.written.inc_by(new);
+                    if let Err(e) = self.spool.commit(batch.end) {
+                        tracing::error!(error = %e, "cannot trim the usage spool");
+                        return Err(());
+                    }
+                    self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
+                }
+                Err(e) => {
+                    self.db_ok.store(false, Ordering::Relaxed);
+                    self.metrics.write_failures.inc();
+                    tracing::warn!(error = %e, records = records.len(), "usage batch not written; kept in the spool");
+                    return Err(());
+                }
+            }
+        }
+    }
+
+    /// The shipper: ships whenever a batch is full or `flush_interval` passed, backs off
+    /// while the database fails, syncs the spool, applies retention. When `stop` fires it
+    /// ships what is left (for up to `drain_timeout`) and returns; what could not be
+    /// shipped stays in the spool for the next start.
+    pub async fn run_shipper(
+        self: Arc<Self>,
+        store: Store,
+        stop: CancellationToken,
+        drain_timeout: Duration,
+    ) {
+        let mut failures = 0u32;
+        let mut last_retention: Option<tokio::time::Instant> = None;
+        loop {
+            let wait = if failures == 0 {
+                self.config.flush_interval
+            } else {
+                (self.config.flush_interval * 2u32.saturating_pow(failures.min(8))).min(MAX_BACKOFF)
+            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = self.wake.notified(), if failures == 0 => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            match self.ship_all(&store).await {
+                Ok(()) => failures = 0,
+                Err(()) => failures = failures.saturating_add(1),
+            }
+            if let Err(e) = self.spool.sync() {
+                tracing::warn!(error = %e, "cannot sync the usage spool");
+            }
+            if !self.config.retention.is_zero()
+                && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
+            {
+                last_retention = Some(tokio::time::Instant::now());
+                let cutoff =
+                    now_ms() - i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
+                match store.delete_usage_before(cutoff).await {
+                    Ok(n) if n > 0 => tracing::info!(deleted = n, "usage retention applied"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "usage retention failed"),
+                }
+            }
+        }
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while self.ship_all(&store).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        if let Err(e) = self.spool.sync() {
+            tracing::warn!(error = %e, "cannot sync the usage spool");
+        }
+        match drained {
+            Ok(()) => tracing::info!("usage ledger flushed"),
+            Err(_) => tracing::warn!(
+                spool_bytes = self.spool.bytes(),
+                "usage ledger not fully flushed; the rest ships at the next start"
+            ),
+        }
+    }
+}
+
+fn gauge(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}

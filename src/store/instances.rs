@@ -1,0 +1,106 @@
+//! Instance registry: each running gateway records itself and keeps a heartbeat.
+
+use sqlx::Row;
+
+use super::{Store, StoreError, now_ms, with_pool};
+
+/// One gateway instance as registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRow {
+    /// Random id chosen at start.
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: i64,
+    /// Gateway version.
+    pub version: String,
+    /// Hash of the configuration it runs.
+    pub config_hash: String,
+    /// Start time (Unix ms).
+    pub started_at_ms: i64,
+    /// Last heartbeat (Unix ms).
+    pub heartbeat_at_ms: i64,
+    /// Clean stop time (Unix ms); `None` while running or after a crash.
+    pub stopped_at_ms: Option<i64>,
+}
+
+/// Registry rows of instances stopped (or silent) longer than this are removed.
+const FORGET_AFTER_MS: i64 = 7 * 24 * 3600 * 1000;
+
+impl Store {
+    /// Records this instance as started.
+    pub async fn register_instance(&self, row: &InstanceRow) -> Result<(), StoreError> {
+        let sql = self.sql(
+            "INSERT INTO instances (id, host, pid, version, config_hash, started_at_ms, \
+             heartbeat_at_ms, stopped_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL)",
+        );
+        let forget = self.sql("DELETE FROM instances WHERE heartbeat_at_ms < $1");
+        with_pool!(self, pool => {
+            sqlx::query(&forget).bind(now_ms() - FORGET_AFTER_MS).execute(pool).await?;
+            sqlx::query(&sql)
+                .bind(&row.id)
+                .bind(&row.host)
+                .bind(row.pid)
+                .bind(&row.version)
+                .bind(&row.config_hash)
+                .bind(row.started_at_ms)
+                .bind(row.heartbeat_at_ms)
+                .execute(pool)
+                .await
+                .map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// Refreshes this instance's heartbeat (and config hash, which a reload may change).
+    pub async fn heartbeat(&self, id: &str, config_hash: &str) -> Result<(), StoreError> {
+        let sql =
+            self.sql("UPDATE instances SET heartbeat_at_ms = $1, config_hash = $2 WHERE id = $3");
+        with_pool!(self, pool => {
+            sqlx::query(&sql).bind(now_ms()).bind(config_hash).bind(id).execute(pool).await.map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// Marks this instance as cleanly stopped.
+    pub async fn mark_stopped(&self, id: &str) -> Result<(), StoreError> {
+        let sql = self.sql("UPDATE instances SET stopped_at_ms = $1 WHERE id = $2");
+        with_pool!(self, pool => sqlx::query(&sql).bind(now_ms()).bind(id).execute(pool).await.map(drop))?;
+        Ok(())
+    }
+
+    /// Every registered instance, newest first.
+    pub async fn list_instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
+        let sql = "SELECT id, host, pid, version, config_hash, started_at_ms, heartbeat_at_ms, \
+                   stopped_at_ms FROM instances ORDER BY started_at_ms DESC, id";
+        with_pool!(self, pool => {
+            let rows = sqlx::query(sql).fetch_all(pool).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(InstanceRow {
+                        id: r.try_get("id")?,
+                        host: r.try_get("host")?,
+                        pid: r.try_get("pid")?,
+                        version: r.try_get("version")?,
+                        config_hash: r.try_get("config_hash")?,
+                        started_at_ms: r.try_get("started_at_ms")?,
+                        heartbeat_at_ms: r.try_get("heartbeat_at_ms")?,
+                        stopped_at_ms: r.try_get("stopped_at_ms")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Instances running now: not stopped, with a heartbeat newer than `fresh_after_ms`.
+    pub async fn live_instances(&self, fresh_after_ms: i64) -> Result<i64, StoreError> {
+        let sql = self.sql(
+            "SELECT COUNT(*) AS n FROM instances WHERE stopped_at_ms IS NULL AND heartbeat_at_ms >= $1",
+        );
+        with_pool!(self, pool => {
+            let row = sqlx::query(&sql).bind(fresh_after_ms).fetch_one(pool).await?;
+            Ok(row.try_get("n")?)
+        })
+    }
+}

@@ -1,0 +1,219 @@
+//! Usage rows: idempotent batch inserts, summaries, and retention by small deletes.
+
+use serde::{Deserialize, Serialize};
+use sqlx::{QueryBuilder, Row};
+
+use super::{Store, StoreError, with_pool};
+
+/// One request's usage, as spooled and as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// The ledger's own id (UUID): re-shipping the same record inserts nothing.
+    pub id: String,
+    /// The request id the client saw (`x-request-id`).
+    pub request_id: String,
+    /// When the request finished (Unix ms).
+    pub ts_ms: i64,
+    /// The API key's id; `None` in open mode.
+    pub key_id: Option<String>,
+    /// Public model name, when the request named a known one.
+    pub model: Option<String>,
+    /// Backend of the last attempt.
+    pub backend: Option<String>,
+    /// `chat_completions`, `completions` or `embeddings`.
+    pub endpoint: String,
+    /// HTTP status sent (499: the client left first).
+    pub status: u16,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// At least one token figure is the gateway's estimate.
+    pub estimated: bool,
+    /// Time from request to end of response (µs).
+    pub latency_us: u64,
+    /// Time to first byte of a streamed answer (µs).
+    pub ttft_us: Option<u64>,
+    /// The client went away before the end.
+    pub client_disconnected: bool,
+    /// Instance that served it.
+    pub instance_id: String,
+}
+
+/// How `usage` groups its summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// Per API key.
+    Key,
+    /// Per model.
+    Model,
+}
+
+/// One line of a usage summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLine {
+    /// Key id or model name (`-` when absent).
+    pub group: String,
+    /// Requests.
+    pub requests: i64,
+    /// Requests with a status >= 400.
+    pub errors: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Requests whose counts were estimated.
+    pub estimated: i64,
+}
+
+fn sat(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Rows deleted per retention statement: small enough to keep locks and WAL short.
+const RETENTION_BATCH: i64 = 5_000;
+
+impl Store {
+    /// Inserts `records` in one statement; rows already present (same `id`) are skipped.
+    /// Returns how many rows were new.
+    pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<u64, StoreError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let head = "INSERT INTO usage_records (id, request_id, ts_ms, key_id, model, backend, \
+                    endpoint, status, prompt_tokens, completion_tokens, estimated, latency_us, \
+                    ttft_us, client_disconnected, instance_id) ";
+        let n = with_pool!(self, pool => {
+            let mut q = QueryBuilder::new(head);
+            q.push_values(records, |mut b, r| {
+                b.push_bind(r.id.as_str())
+                    .push_bind(r.request_id.as_str())
+                    .push_bind(r.ts_ms)
+                    .push_bind(r.key_id.as_deref())
+                    .push_bind(r.model.as_deref())
+                    .push_bind(r.backend.as_deref())
+                    .push_bind(r.endpoint.as_str())
+                    .push_bind(i32::from(r.status))
+                    .push_bind(sat(r.prompt_tokens))
+                    .push_bind(sat(r.completion_tokens))
+                    .push_bind(r.estimated)
+                    .push_bind(sat(r.latency_us))
+                    .push_bind(r.ttft_us.map(sat))
+                    .push_bind(r.client_disconnected)
+                    .push_bind(r.instance_id.as_str());
+            });
+            q.push(" ON CONFLICT (id) DO NOTHING");
+            q.build().execute(pool).await?.rows_affected()
+        });
+        Ok(n)
+    }
+
+    /// Totals since `since_ms`, grouped by key or model, largest token use first.
+    pub async fn usage_summary(
+        &self,
+        since_ms: i64,
+        by: GroupBy,
+    ) -> Result<Vec<UsageLine>, StoreError> {
+        let column = match by {
+            GroupBy::Key => "key_id",
+            GroupBy::Model => "model",
+        };
+        let sql = self
+            .sql(&format!(
+                "SELECT {column} AS grp, COUNT(*) AS requests, \
+             CAST(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS BIGINT) AS errors, \
+             CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens, \
+             CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens, \
+             CAST(SUM(CASE WHEN estimated THEN 1 ELSE 0 END) AS BIGINT) AS estimated \
+             FROM usage_records WHERE ts_ms >= $1 GROUP BY {column} \
+             ORDER BY CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) DESC, {column}"
+            ))
+            .into_owned();
+        with_pool!(self, pool => {
+            let rows = sqlx::query(&sql).bind(since_ms).fetch_all(pool).await?;
+            rows.iter()
+                .map(|r| {
+                    let group: Option<String> = r.try_get("grp")?;
+                    Ok(UsageLine {
+                        group: group.unwrap_or_else(|| "-".to_owned()),
+                        requests: r.try_get("requests")?,
+                        errors: r.try_get("errors")?,
+                        prompt_tokens: r.try_get("prompt_tokens")?,
+                        completion_tokens: r.try_get("completion_tokens")?,
+                        estimated: r.try_get("estimated")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Every record since `since_ms`, oldest first (for audits and tests; unbounded).
+    pub async fn usage_records(&self, since_ms: i64) -> Result<Vec<UsageRecord>, StoreError> {
+        let sql = self.sql(
+            "SELECT id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
+             prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
+             client_disconnected, instance_id FROM usage_records WHERE ts_ms >= $1 \
+             ORDER BY ts_ms, id",
+        );
+        let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+        with_pool!(self, pool => {
+            let rows = sqlx::query(&sql).bind(since_ms).fetch_all(pool).await?;
+            rows.iter()
+                .map(|r| {
+                    let status: i32 = r.try_get("status")?;
+                    let ttft: Option<i64> = r.try_get("ttft_us")?;
+                    Ok(UsageRecord {
+                        id: r.try_get("id")?,
+                        request_id: r.try_get("request_id")?,
+                        ts_ms: r.try_get("ts_ms")?,
+                        key_id: r.try_get("key_id")?,
+                        model: r.try_get("model")?,
+                        backend: r.try_get("backend")?,
+                        endpoint: r.try_get("endpoint")?,
+                        status: u16::try_from(status).unwrap_or(0),
+                        prompt_tokens: unsigned(r.try_get("prompt_tokens")?),
+                        completion_tokens: unsigned(r.try_get("completion_tokens")?),
+                        estimated: r.try_get("estimated")?,
+                        latency_us: unsigned(r.try_get("latency_us")?),
+                        ttft_us: ttft.map(unsigned),
+                        client_disconnected: r.try_get("client_disconnected")?,
+                        instance_id: r.try_get("instance_id")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Number of usage rows.
+    pub async fn count_usage(&self) -> Result<i64, StoreError> {
+        with_pool!(self, pool => {
+            let row = sqlx::query("SELECT COUNT(*) AS n FROM usage_records").fetch_one(pool).await?;
+            Ok(row.try_get("n")?)
+        })
+    }
+
+    /// Deletes rows older than `before_ms` in batches of a few thousand, so retention never
+    /// holds long locks or builds one huge transaction; the freed space is reused by new
+    /// rows (PostgreSQL autovacuum, SQLite free pages). Returns the rows deleted.
+    pub async fn delete_usage_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let sql = self.sql(
+            "DELETE FROM usage_records WHERE id IN \
+             (SELECT id FROM usage_records WHERE ts_ms < $1 LIMIT $2)",
+        );
+        let mut total = 0;
+        loop {
+            let n = with_pool!(self, pool => {
+                sqlx::query(&sql)
+                    .bind(before_ms)
+                    .bind(RETENTION_BATCH)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            });
+            total += n;
+            if n < RETENTION_BATCH.unsigned_abs() {
+                return Ok(total);
+            }
+        }
+    }
+}
