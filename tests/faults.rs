@@ -1,0 +1,389 @@
+//! Fault tests of the usage ledger with real processes and a real PostgreSQL server: a
+//! database outage under load, SIGKILL of the gateway under load, a torn spool record, and
+//! the flush at SIGTERM. Every completed request must be in the ledger exactly once.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods,
+    reason = "tests: panics are failures, and helpers spawn test servers"
+)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{chat_body, client, metric, mock, pg::PgCluster};
+use llm_gateway::Config;
+use llm_gateway::store::Store;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
+
+/// The gateway binary on a free port, with its config and state in `dir`.
+struct Proc {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Config: open mode, PostgreSQL at `url`, ledger settings from `ledger`.
+fn write_config(dir: &Path, upstream: &str, url: &str, ledger: &str) -> PathBuf {
+    let toml = format!(
+        "{}\n[storage]\nstate_dir = {:?}\ndatabase_url = {url:?}\nconnect_timeout = \"1s\"\n\
+         [auth]\nmode = \"open\"\n[ledger]\n{ledger}\n",
+        config_for_url(upstream),
+        dir.to_str().unwrap()
+    );
+    let path = dir.join("gw.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn config_for_url(base_url: &str) -> String {
+    format!(
+        "[health_check]\nenabled = false\n[[backends]]\nname = \"b0\"\nbase_url = \"{base_url}\"\n\
+         [[models]]\nname = \"m\"\nroutes = [{{ backend = \"b0\" }}]\n"
+    )
+}
+
+async fn spawn(config: &Path, env: &[(&str, &str)]) -> Proc {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .env("LLM_GATEWAY__SERVER__LISTEN", &listen)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut p = Proc {
+        child: cmd.spawn().unwrap(),
+        url: format!("http://{listen}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if client()
+            .get(format!("{}/health", p.url))
+            .send()
+            .await
+            .is_ok()
+        {
+            return p;
+        }
+        if let Some(status) = p.child.try_wait().unwrap() {
+            panic!("gateway exited with {status}");
+        }
+        assert!(Instant::now() < deadline, "gateway never became healthy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Request ids of answers received in full (status 200, whole body read).
+#[derive(Default)]
+struct Completed {
+    ids: Mutex<Vec<String>>,
+    failed: AtomicUsize,
+}
+
+/// `workers` clients sending requests (every third streamed) until `stop`.
+async fn load(url: String, workers: usize, stop: Arc<AtomicBool>, done: Arc<Completed>) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let tasks = (0..workers).map(|_| {
+        let (url, stop, done, next) = (url.clone(), stop.clone(), done.clone(), next.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let id = format!("fault-{n}");
+                let r = client()
+                    .post(format!("{url}/v1/chat/completions"))
+                    .header("x-request-id", &id)
+                    .json(&chat_body(n % 3 == 0))
+                    .send()
+                    .await;
+                let ok = match r {
+                    Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
+                    _ => false,
+                };
+                if ok {
+                    done.ids.lock().unwrap().push(id);
+                } else {
+                    done.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(tasks).await;
+}
+
+impl Completed {
+    fn count(&self) -> usize {
+        self.ids.lock().unwrap().len()
+    }
+
+    async fn until(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} requests completed",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn store_at(url: &str) -> Store {
+    let mut c = Config::from_toml(&config_for_url("http://127.0.0.1:1/v1")).unwrap();
+    c.storage.database_url = Some(url.to_owned());
+    Store::open(&c).await.unwrap()
+}
+
+/// Waits until every id in `expected` is in the ledger, then checks none is there twice.
+async fn assert_ledger_has_each_once(store: &Store, expected: &[String]) -> HashMap<String, usize> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = store.usage_records(0).await.unwrap();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for r in rows {
+            *counts.entry(r.request_id).or_default() += 1;
+        }
+        let missing = expected
+            .iter()
+            .filter(|id| !counts.contains_key(*id))
+            .count();
+        if missing == 0 {
+            for (id, n) in &counts {
+                assert_eq!(*n, 1, "request {id} is in the ledger {n} times");
+            }
+            return counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} completed requests never reached the ledger",
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_under_load_loses_no_record() {
+    let cluster = PgCluster::start();
+    let url = cluster.create_database("ledger");
+    let up = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &up.base_url(),
+        &url,
+        "flush_interval = \"50ms\"",
+    );
+    let gw = spawn(&config, &[]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(Completed::default());
+    let load = tokio::spawn(load(gw.url.clone(), 4, stop.clone(), done.clone()));
+    done.until(50).await;
+    cluster.stop();
+    let at_outage = done.count();
+    done.until(at_outage + 200).await;
+    // The gateway kept serving and saw the outage.
+    let m = client()
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(&m, "llm_gateway_ledger_write_failures_total").unwrap() >= 1.0,
+        "{m}"
+    );
+    let h: serde_json::Value = client()
+        .get(format!("{}/health", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["database"]["state"], "down");
+    cluster.restart();
+    let at_restart = done.count();
+    done.until(at_restart + 50).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(
+        done.failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the outage"
+    );
+
+    let expected = done.ids.lock().unwrap().clone();
+    let store = store_at(&url).await;
+    let counts = assert_ledger_has_each_once(&store, &expected).await;
+    assert_eq!(counts.len(), expected.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_then_restart_loses_no_record() {
+    let cluster = PgCluster::start();
+    let url = cluster.create_database("ledger");
+    let up = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing is shipped before the kill: every record must come back from the spool.
+    let config = write_config(
+        dir.path(),
+        &up.base_url(),
+        &url,
+        "flush_interval = \"1h\"\nbatch_size = 10000",
+    );
+    let mut gw = spawn(&config, &[]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(Completed::default());
+    let load = tokio::spawn(load(gw.url.clone(), 4, stop.clone(), done.clone()));
+    done.until(200).await;
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
+    gw.child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let expected = done.ids.lock().unwrap().clone();
+    let store = store_at(&url).await;
+    assert_eq!(
+        store.count_usage().await.unwrap(),
+        0,
+        "nothing shipped before the kill"
+    );
+
+    let _gw = spawn(&config, &[("LLM_GATEWAY__LEDGER__FLUSH_INTERVAL", "50ms")]).await;
+    assert_ledger_has_each_once(&store, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_spool_record_is_skipped_and_the_others_are_kept() {
+    let cluster = PgCluster::start();
+    let url = cluster.create_database("ledger");
+    let up = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &up.base_url(),
+        &url,
+        "flush_interval = \"1h\"\nbatch_size = 10000",
+    );
+    let mut gw = spawn(&config, &[]).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let id = format!("torn-{n}");
+        let r = client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .header("x-request-id", &id)
+            .json(&chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        ids.push(id);
+    }
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
+    gw.child.wait().unwrap();
+
+    // Cut the newest segment in the middle of its last record.
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir.path().join("spool"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "spool"))
+        .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .collect();
+    segments.sort();
+    let last = segments.last().expect("a spool segment with records");
+    let len = std::fs::metadata(last).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+
+    let gw = spawn(&config, &[("LLM_GATEWAY__LEDGER__FLUSH_INTERVAL", "50ms")]).await;
+    let store = store_at(&url).await;
+    let counts = assert_ledger_has_each_once(&store, &ids[..19]).await;
+    assert!(
+        !counts.contains_key(&ids[19]),
+        "the torn record cannot be in the ledger"
+    );
+    assert_eq!(counts.len(), 19);
+    let m = client()
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, "llm_gateway_ledger_spool_corrupt_frames_total"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_the_ledger_before_exit() {
+    let cluster = PgCluster::start();
+    let url = cluster.create_database("ledger");
+    let up = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &up.base_url(),
+        &url,
+        "flush_interval = \"1h\"\nbatch_size = 10000",
+    );
+    let mut gw = spawn(&config, &[]).await;
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        let id = format!("term-{n}");
+        let r = client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .header("x-request-id", &id)
+            .json(&chat_body(n % 2 == 0))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        ids.push(id);
+    }
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = gw.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    // No restart: the drain itself must have shipped them.
+    let store = store_at(&url).await;
+    assert_eq!(store.count_usage().await.unwrap(), 30);
+    assert_ledger_has_each_once(&store, &ids).await;
+}
