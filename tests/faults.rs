@@ -387,3 +387,104 @@ async fn sigterm_flushes_the_ledger_before_exit() {
     assert_eq!(store.count_usage().await.unwrap(), 30);
     assert_ledger_has_each_once(&store, &ids).await;
 }
+
+/// In-process gateway on `url` with the given extra TOML (auth, ledger).
+async fn in_process(
+    url: &str,
+    extra: &str,
+) -> (
+    common::Gateway,
+    llm_gateway::mock::MockUpstream,
+    tempfile::TempDir,
+) {
+    let up = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[storage]\nstate_dir = {:?}\ndatabase_url = {url:?}\nconnect_timeout = \"1s\"\n{extra}\n",
+        config_for_url(&up.base_url()),
+        dir.path().to_str().unwrap()
+    );
+    (common::Gateway::start(&toml).await, up, dir)
+}
+
+async fn post(gw: &common::Gateway, key: Option<&str>) -> reqwest::Response {
+    let mut r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(false));
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_keep_working_while_the_database_is_down() {
+    let cluster = PgCluster::start();
+    let url = cluster.create_database("keys");
+    let store = store_at(&url).await;
+    let key = llm_gateway::auth::generate("k", None, Default::default(), None);
+    store.insert_key(&key.row).await.unwrap();
+    store.close().await;
+    let (gw, _up, _dir) =
+        in_process(&url, "[auth]\nmode = \"keys\"\nrefresh_interval = \"50ms\"").await;
+    assert_eq!(post(&gw, Some(&key.secret)).await.status(), 200);
+    cluster.stop();
+    // Several reloads fail while the server is down; the last table stays in use.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = common::metrics_text(&gw).await;
+        if metric(&m, "llm_gateway_key_refresh_failures_total").unwrap_or(0.0) >= 3.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reloads never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(post(&gw, Some(&key.secret)).await.status(), 200);
+    assert_eq!(
+        post(&gw, Some("sk-lgw-0000000000000000-00")).await.status(),
+        401
+    );
+    cluster.restart();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_rejects_requests_until_the_database_is_back() {
+    let cluster = PgCluster::start();
+    let url = cluster.create_database("full");
+    let (gw, _up, _dir) = in_process(
+        &url,
+        "[auth]\nmode = \"open\"\n[ledger]\nflush_interval = \"50ms\"\nsegment_bytes = 4096\nspool_max_bytes = 8192",
+    )
+    .await;
+    cluster.stop();
+    let mut served = 0;
+    let rejected = loop {
+        let r = post(&gw, None).await;
+        if r.status() == 503 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        served += 1;
+        assert!(served < 100, "an 8 KiB spool never filled");
+    };
+    assert_eq!(rejected.headers()["retry-after"], "1");
+    let e: serde_json::Value = rejected.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "ledger_full");
+    let ready = client().get(gw.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let m = common::metrics_text(&gw).await;
+    assert_eq!(
+        metric(&m, "llm_gateway_ledger_records_dropped_total"),
+        Some(0.0)
+    );
+
+    cluster.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while post(&gw, None).await.status() != 200 {
+        assert!(Instant::now() < deadline, "never accepted requests again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = store_at(&url).await;
+    let n = store.count_usage().await.unwrap();
+    assert!(n >= served + 1, "{n} rows for {served} served requests");
+}
