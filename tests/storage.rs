@@ -411,6 +411,7 @@ on_both!(
     token_reservations_are_settled_with_real_usage,
     every_request_is_in_the_ledger_once_with_its_figures,
     the_instance_is_registered_and_health_shows_the_database,
+    retention_deletes_old_rows_in_batches_and_keeps_new_ones,
 );
 
 /// `keys create` may run while the service starts: both migrate the same fresh database.
@@ -427,4 +428,119 @@ async fn concurrent_first_opens_of_one_database_all_succeed() {
             assert!(store.list_keys().await.unwrap().is_empty());
         }
     }
+}
+
+async fn retention_deletes_old_rows_in_batches_and_keeps_new_ones(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let up = mock().await;
+    let config = Config::from_toml(&config_for(&[&up], &storage(db, dir.path(), "open"))).unwrap();
+    let store = Store::open(&config).await.unwrap();
+    let record = |i: usize, ts_ms: i64| UsageRecord {
+        id: format!("id-{i}"),
+        request_id: format!("r-{i}"),
+        ts_ms,
+        key_id: None,
+        model: Some("m".into()),
+        backend: Some("b0".into()),
+        endpoint: "chat_completions".into(),
+        status: 200,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        estimated: false,
+        latency_us: 1,
+        ttft_us: None,
+        client_disconnected: false,
+        instance_id: "i".into(),
+    };
+    // 12 000 old rows (more than two delete batches) and 10 recent ones.
+    for chunk in 0..12 {
+        let rows: Vec<UsageRecord> = (0..1000).map(|j| record(chunk * 1000 + j, 1_000)).collect();
+        assert_eq!(store.insert_usage(&rows).await.unwrap(), 1000);
+    }
+    let recent: Vec<UsageRecord> = (0..10).map(|j| record(100_000 + j, 5_000)).collect();
+    store.insert_usage(&recent).await.unwrap();
+    // Shipping the same records again inserts nothing.
+    assert_eq!(store.insert_usage(&recent).await.unwrap(), 0);
+    assert_eq!(store.delete_usage_before(2_000).await.unwrap(), 12_000);
+    assert_eq!(store.count_usage().await.unwrap(), 10);
+    assert_eq!(store.delete_usage_before(2_000).await.unwrap(), 0);
+}
+
+/// Two instances on one PostgreSQL database each enforce half of a key's limits.
+#[tokio::test]
+async fn instances_sharing_a_database_split_a_keys_limits() {
+    let url = pg::fresh_database();
+    let up = mock().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let toml = |dir: &std::path::Path| {
+        config_for(
+            &[&up],
+            &format!(
+                "[storage]\nstate_dir = {:?}\ndatabase_url = {url:?}\nheartbeat_interval = \"100ms\"\n\
+                 [auth]\nmode = \"keys\"\nrefresh_interval = \"100ms\"\n",
+                dir.to_str().unwrap()
+            ),
+        )
+    };
+    let a = Gateway::start(&toml(dirs[0].path())).await;
+    let b = Gateway::start(&toml(dirs[1].path())).await;
+    let store = Store::open(&Config::from_toml(&toml(dirs[0].path())).unwrap())
+        .await
+        .unwrap();
+    let key = auth::generate(
+        "shared",
+        None,
+        Limits {
+            rpm: Some(10),
+            tpm: None,
+        },
+        None,
+    );
+    store.insert_key(&key.row).await.unwrap();
+    for gw in [&a, &b] {
+        common::wait_for_async("both instances live", Duration::from_secs(10), || async {
+            health(gw).await["database"]["live_instances"] == 2
+        })
+        .await;
+    }
+    // Each instance allows 10 / 2 = 5 requests at once.
+    for gw in [&a, &b] {
+        let mut ok = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = client()
+                .post(gw.url("/v1/chat/completions"))
+                .bearer_auth(&key.secret)
+                .json(&chat_body(false))
+                .send()
+                .await
+                .unwrap();
+            match r.status().as_u16() {
+                200 => {
+                    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "5");
+                    ok += 1;
+                }
+                429 => break,
+                401 => assert!(Instant::now() < deadline, "key never loaded"),
+                s => panic!("status {s}"),
+            }
+            assert!(ok <= 5, "more than half the limit on one instance");
+        }
+        assert_eq!(ok, 5);
+    }
+}
+
+/// Keys are required unless the config says `mode = "open"`.
+#[tokio::test]
+async fn keys_are_required_by_default() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "[auth]\nrefresh_interval = \"1s\"\n")).await;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(health(&gw).await["database"]["auth"], "keys");
 }

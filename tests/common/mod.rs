@@ -198,6 +198,22 @@ pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> boo
     }
 }
 
+/// Polls the async `cond` until true, failing after `limit`.
+pub async fn wait_for_async<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Reads a metric sample value from Prometheus text (`name{labels} value`).
 pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
