@@ -5,7 +5,14 @@
 # One mock upstream (`llm-gateway mock-upstream`, answers 16 tokens instantly) is started
 # and shared by every target. Each target is measured with wrk + bench/chat.lua:
 #   - "direct":      wrk -> mock                  (the baseline)
-#   - "llm-gateway": wrk -> llm-gateway -> mock
+#   - "llm-gateway": wrk -> llm-gateway -> mock   (open mode, ledger on SQLite)
+# and, when listed in BENCH_TARGETS:
+#   - "llm-gateway-nostorage": the gateway as of BENCH_BASELINE_REV, before it had keys,
+#                    limits and a ledger (built from git into its own target dir)
+#   - "llm-gateway-pg": API keys required (one key, no limits) and the usage ledger on a
+#                    throwaway PostgreSQL server (unix socket) started by this script
+# The storage benchmark is
+#   BENCH_TARGETS="llm-gateway-nostorage llm-gateway-pg" bash bench/run.sh
 # in 4 configurations: {non-stream, stream} x {1 connection / 1 thread, 32 connections /
 # 2 threads}. For each configuration the targets run back to back (warm-up, then the
 # measured run), so slow drift of the machine hits both alike.
@@ -16,6 +23,8 @@
 #   BENCH_DURATION=10s     measured duration per cell (wrk -d syntax)
 #   BENCH_WARMUP=2s        warm-up per cell (results discarded, errors still fail the run)
 #   BENCH_TARGETS="llm-gateway"   gateways to compare with "direct" (see start_target_*)
+#   BENCH_BASELINE_REV=2b02512    commit built for "llm-gateway-nostorage"
+#   BENCH_PG_BINDIR        PostgreSQL server binaries (default: newest /usr/lib/postgresql/*/bin)
 #   BENCH_GW_WORKERS=N     llm-gateway server.worker_threads (default: unset = one per CPU)
 #   BENCH_TASKSET=1        pin wrk to one CPU (BENCH_WRK_CPU, default the last one)
 #   BENCH_STRICT=1         exit 1 when a performance target is missed
@@ -40,6 +49,7 @@ LUA=$ROOT/bench/chat.lua
 MAX_ADDED_P50_US=50      # added p50 latency at 1 connection
 MIN_RPS_RATIO_PCT=60     # gateway throughput at 32 connections, % of direct
 MAX_RSS_MB=30            # gateway peak RSS
+MIN_STORAGE_RATIO_PCT=80 # llm-gateway-pg throughput at 32 connections, % of llm-gateway-nostorage
 
 log() { echo "==> $*" >&2; }
 die() { echo "ERROR: $*" >&2; exit 1; }
@@ -132,6 +142,10 @@ listen = "127.0.0.1:$port"
 $workers
 [health_check]
 enabled = true
+[storage]
+state_dir = "$WORK/state"
+[auth]
+mode = "open"
 [[backends]]
 name = "mock"
 base_url = "$mock"
@@ -147,6 +161,80 @@ EOF
     echo "http://127.0.0.1:$port/v1"
 }
 
+# The gateway before storage existed, for the storage overhead ratio.
+start_target_llm-gateway-nostorage() {
+    local mock=$1 port rev=${BENCH_BASELINE_REV:-2b02512} bin
+    bin=$TARGET_DIR/bench-baseline/release/llm-gateway
+    if [[ ! -x $bin || $(cat "$TARGET_DIR/bench-baseline/rev" 2>/dev/null) != "$rev" ]]; then
+        mkdir -p "$WORK/baseline-src" "$TARGET_DIR/bench-baseline"
+        git archive "$rev" | tar -x -C "$WORK/baseline-src"
+        (cd "$WORK/baseline-src" && CARGO_TARGET_DIR=$TARGET_DIR/bench-baseline cargo build --release --locked) >&2
+        echo "$rev" >"$TARGET_DIR/bench-baseline/rev"
+    fi
+    port=$(free_port)
+    cat >"$WORK/llm-gateway-nostorage.toml" <<EOF
+[server]
+listen = "127.0.0.1:$port"
+${BENCH_GW_WORKERS:+worker_threads = $BENCH_GW_WORKERS}
+[[backends]]
+name = "mock"
+base_url = "$mock"
+max_concurrency = 1024
+[[models]]
+name = "bench"
+routes = [{ backend = "mock" }]
+EOF
+    RUST_LOG=warn spawn llm-gateway-nostorage "$bin" serve --config "$WORK/llm-gateway-nostorage.toml"
+    wait_http llm-gateway-nostorage "http://127.0.0.1:$port/ready"
+    echo "http://127.0.0.1:$port/v1"
+}
+
+# PostgreSQL binaries run as the postgres user when we are root (initdb refuses root);
+# setpriv execs, so the recorded PID is the server's own.
+AS_PG=()
+[[ $(id -u) == 0 ]] && AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups)
+
+# Keys required, ledger on PostgreSQL.
+start_target_llm-gateway-pg() {
+    local mock=$1 port bindir pg=$WORK/pg i key
+    bindir=${BENCH_PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+    [[ -x $bindir/initdb ]] || die "no PostgreSQL server binaries (install Debian's postgresql package)"
+    mkdir -p "$pg"
+    if [[ $(id -u) == 0 ]]; then chown postgres "$pg" "$WORK"; chmod o+x "$WORK"; fi
+    "${AS_PG[@]}" "$bindir/initdb" -D "$pg/data" -A trust -U postgres --no-sync -E UTF8 >"$WORK/initdb.log" 2>&1 ||
+        die "initdb failed: $(cat "$WORK/initdb.log")"
+    # Durability settings as a production server has them (fsync on).
+    spawn postgres "${AS_PG[@]}" "$bindir/postgres" -D "$pg/data" -k "$pg" -c listen_addresses=
+    for ((i = 0; i < 100; i++)); do
+        "$bindir/pg_isready" -q -h "$pg" && break
+        sleep 0.1
+    done
+    "$bindir/createdb" -h "$pg" -U postgres llm_gateway >&2 || die "createdb failed"
+    port=$(free_port)
+    cat >"$WORK/llm-gateway-pg.toml" <<EOF
+[server]
+listen = "127.0.0.1:$port"
+${BENCH_GW_WORKERS:+worker_threads = $BENCH_GW_WORKERS}
+[storage]
+state_dir = "$WORK/state-pg"
+database_url = "postgres:///llm_gateway?host=$pg&user=postgres"
+[auth]
+mode = "keys"
+[[backends]]
+name = "mock"
+base_url = "$mock"
+max_concurrency = 1024
+[[models]]
+name = "bench"
+routes = [{ backend = "mock" }]
+EOF
+    key=$("$BIN" keys create --config "$WORK/llm-gateway-pg.toml" --name bench | head -n 1)
+    echo "Authorization: Bearer $key" >"$WORK/llm-gateway-pg.header"
+    RUST_LOG=warn spawn llm-gateway-pg "$BIN" serve --config "$WORK/llm-gateway-pg.toml"
+    wait_http llm-gateway-pg "http://127.0.0.1:$port/ready"
+    echo "http://127.0.0.1:$port/v1"
+}
+
 # --- Load generation ----------------------------------------------------------------------
 
 WRK=(wrk)
@@ -157,11 +245,12 @@ fi
 # Runs wrk once and prints chat.lua's line
 #   BENCH p50_us=.. p99_us=.. rps=.. requests=.. non2xx=.. socket_errors=..
 # Fails the whole run on any non-2xx response or socket error.
-run_wrk() { # run_wrk URL THREADS CONNS DURATION MODE(plain|stream) LABEL
-    local url=$1 threads=$2 conns=$3 duration=$4 mode=$5 label=$6 out line
-    local args=()
+run_wrk() { # run_wrk URL THREADS CONNS DURATION MODE(plain|stream) LABEL [HEADER]
+    local url=$1 threads=$2 conns=$3 duration=$4 mode=$5 label=$6 header=${7:-} out line
+    local args=() hargs=()
     [[ $mode == stream ]] && args=(-- stream)
-    out=$("${WRK[@]}" -t"$threads" -c"$conns" -d"$duration" --timeout 5s \
+    [[ -n $header ]] && hargs=(-H "$header")
+    out=$("${WRK[@]}" -t"$threads" -c"$conns" -d"$duration" --timeout 5s "${hargs[@]}" \
         -s "$LUA" "$url/chat/completions" "${args[@]}" 2>&1) || die "wrk failed ($label): $out"
     line=$(grep '^BENCH ' <<<"$out") || die "no BENCH line from wrk ($label): $out"
     if ! grep -q ' non2xx=0 socket_errors=0$' <<<"$line"; then
@@ -217,9 +306,10 @@ for cfg in "${CONFIGS[@]}"; do
     IFS=: read -r mode conns threads <<<"$cfg"
     for t in "${ALL[@]}"; do
         label="$t $mode c=$conns"
+        header=$(cat "$WORK/$t.header" 2>/dev/null || true)
         log "$label: warm-up $WARMUP, then $DURATION"
-        run_wrk "${URL[$t]}" "$threads" "$conns" "$WARMUP" "$mode" "$label (warm-up)" >/dev/null
-        line=$(run_wrk "${URL[$t]}" "$threads" "$conns" "$DURATION" "$mode" "$label")
+        run_wrk "${URL[$t]}" "$threads" "$conns" "$WARMUP" "$mode" "$label (warm-up)" "$header" >/dev/null
+        line=$(run_wrk "${URL[$t]}" "$threads" "$conns" "$DURATION" "$mode" "$label" "$header")
         log "  $line"
         key="$t|$mode|$conns"
         P50[$key]=$(field "$line" p50_us)
@@ -294,6 +384,15 @@ checks() {
             'BEGIN { if (r == "") { printf "MISS  %s: peak RSS unknown\n", t; exit }
                      printf "%s  %s: peak RSS %.1f MB (target <= %d MB)\n", (r <= max ? "PASS" : "MISS"), t, r, max }'
     done
+    if [[ -n ${RPS["llm-gateway-pg|plain|32"]:-} && -n ${RPS["llm-gateway-nostorage|plain|32"]:-} ]]; then
+        for mode in plain stream; do
+            awk -v m="$mode" -v s="${RPS["llm-gateway-pg|$mode|32"]}" -v b="${RPS["llm-gateway-nostorage|$mode|32"]}" \
+                -v min="$MIN_STORAGE_RATIO_PCT" \
+                'BEGIN { r = 100 * s / b;
+                         printf "%s  storage: llm-gateway-pg throughput at 32 connections, %s: %.0f%% of llm-gateway-nostorage (target >= %d%%)\n",
+                         (r >= min ? "PASS" : "MISS"), m, r, min }'
+        done
+    fi
 }
 
 {

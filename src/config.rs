@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use figment::Figment;
@@ -680,6 +681,13 @@ impl Config {
                     "must not carry a password (use storage.database_password)",
                 ));
             }
+            // What the driver itself accepts, so a bad URL fails here, not at start.
+            let driver = if parsed.scheme() == "sqlite" {
+                sqlx::sqlite::SqliteConnectOptions::from_str(url).map(drop)
+            } else {
+                sqlx::postgres::PgConnectOptions::from_str(url).map(drop)
+            };
+            driver.map_err(|e| ConfigError::invalid("storage.database_url", e.to_string()))?;
         }
         if st.max_connections == 0 {
             return Err(ConfigError::invalid(

@@ -234,7 +234,7 @@ impl Metrics {
         );
         registry.register(
             "ledger_records_dropped",
-            "Usage records lost: spool full with on_full = \"drop\", or the spool unwritable",
+            "Usage records lost: spool full with on_full = \"drop\", the spool unwritable, or a record unreadable",
             ledger.dropped.clone(),
         );
         registry.register(
@@ -244,7 +244,7 @@ impl Metrics {
         );
         registry.register(
             "ledger_spool_bytes",
-            "Bytes of unshipped usage records in the spool",
+            "Bytes in usage spool files not yet deleted (unshipped records; a drained spool is emptied at each commit)",
             ledger.spool_bytes.clone(),
         );
         registry.register(

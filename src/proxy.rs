@@ -175,8 +175,9 @@ impl Record {
                 backend: self.backend.as_deref().map(str::to_owned),
                 endpoint: self.endpoint.label().to_owned(),
                 status,
-                prompt_tokens: t.prompt,
-                completion_tokens: t.completion,
+                // A backend may report absurd counts; the database stores signed 64-bit.
+                prompt_tokens: t.prompt.min(I64_MAX),
+                completion_tokens: t.completion.min(I64_MAX),
                 estimated: t.estimated,
                 latency_us: micros(duration),
                 ttft_us: self.ttft.map(micros),
@@ -215,8 +216,10 @@ impl Record {
     }
 }
 
+const I64_MAX: u64 = i64::MAX.unsigned_abs();
+
 fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+    u64::try_from(d.as_micros()).unwrap_or(I64_MAX).min(I64_MAX)
 }
 
 /// Held for as long as the request (or its stream) lives.

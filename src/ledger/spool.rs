@@ -794,6 +794,34 @@ mod tests {
     }
 
     #[test]
+    fn active_segment_is_read_only_up_to_the_published_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), 1 << 20, 1 << 20);
+        spool.append(&rec(0)).unwrap();
+        spool.append(&rec(1)).unwrap();
+        // What a reader could see mid-append: half of a frame not yet published.
+        let active = segments(dir.path()).pop().unwrap();
+        let published = fs::metadata(&active).unwrap().len();
+        let mut half = OpenOptions::new().append(true).open(&active).unwrap();
+        half.write_all(&[MAGIC.as_slice(), &[200, 0, 0, 0, 1, 2]].concat())
+            .unwrap();
+        let batch = spool.read_batch(None, 100).unwrap();
+        assert_eq!(batch.records, vec![rec(0), rec(1)]);
+        assert_eq!(
+            batch.end,
+            Position {
+                segment: batch.end.segment,
+                offset: published
+            }
+        );
+        assert_eq!(
+            spool.corrupt_frames(),
+            0,
+            "an unpublished frame is not corruption"
+        );
+    }
+
+    #[test]
     fn full_until_commit_frees_space() {
         let dir = tempfile::tempdir().unwrap();
         let frame = (100 + HEADER_BYTES) as u64;

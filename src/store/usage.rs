@@ -1,7 +1,7 @@
 //! Usage rows: idempotent batch inserts, summaries, and retention by small deletes.
 
 use serde::{Deserialize, Serialize};
-use sqlx::{QueryBuilder, Row};
+use sqlx::Row;
 
 use super::{Store, StoreError, with_pool};
 
@@ -66,10 +66,6 @@ pub struct UsageLine {
     pub estimated: i64,
 }
 
-fn sat(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 /// Rows deleted per retention statement: small enough to keep locks and WAL short.
 const RETENTION_BATCH: i64 = 5_000;
 
@@ -77,34 +73,54 @@ impl Store {
     /// Inserts `records` in one statement; rows already present (same `id`) are skipped.
     /// Returns how many rows were new.
     pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<u64, StoreError> {
-        if records.is_empty() {
-            return Ok(0);
-        }
-        let head = "INSERT INTO usage_records (id, request_id, ts_ms, key_id, model, backend, \
-                    endpoint, status, prompt_tokens, completion_tokens, estimated, latency_us, \
-                    ttft_us, client_disconnected, instance_id) ";
-        let n = with_pool!(self, pool => {
-            let mut q = QueryBuilder::new(head);
-            q.push_values(records, |mut b, r| {
-                b.push_bind(r.id.as_str())
-                    .push_bind(r.request_id.as_str())
-                    .push_bind(r.ts_ms)
-                    .push_bind(r.key_id.as_deref())
-                    .push_bind(r.model.as_deref())
-                    .push_bind(r.backend.as_deref())
-                    .push_bind(r.endpoint.as_str())
-                    .push_bind(i32::from(r.status))
-                    .push_bind(sat(r.prompt_tokens))
-                    .push_bind(sat(r.completion_tokens))
-                    .push_bind(r.estimated)
-                    .push_bind(sat(r.latency_us))
-                    .push_bind(r.ttft_us.map(sat))
-                    .push_bind(r.client_disconnected)
-                    .push_bind(r.instance_id.as_str());
-            });
-            q.push(" ON CONFLICT (id) DO NOTHING");
-            q.build().execute(pool).await?.rows_affected()
-        });
+        let json = serde_json::to_string(records)
+            .map_err(|e| StoreError::Corrupt(format!("usage record: {e}")))?;
+        self.insert_usage_json(&json).await
+    }
+
+    /// Inserts a JSON array of usage records (as `UsageRecord` serialises) in one statement
+    /// with one parameter, whatever the number of rows: the database unpacks the array, so
+    /// there is one prepared statement, not one per batch size, and the spooled records are
+    /// shipped without being decoded. Rows already present (same `id`) are skipped; returns
+    /// how many were new.
+    pub async fn insert_usage_json(&self, records: &str) -> Result<u64, StoreError> {
+        const COLUMNS: &str = "id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
+             prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
+             client_disconnected, instance_id";
+        let n = match self {
+            Self::Postgres(pool) => {
+                let sql = format!(
+                    "INSERT INTO usage_records ({COLUMNS}) SELECT {COLUMNS} FROM \
+                     json_to_recordset($1::json) AS r(id text, request_id text, ts_ms bigint, \
+                     key_id text, model text, backend text, endpoint text, status integer, \
+                     prompt_tokens bigint, completion_tokens bigint, estimated boolean, \
+                     latency_us bigint, ttft_us bigint, client_disconnected boolean, \
+                     instance_id text) ON CONFLICT (id) DO NOTHING"
+                );
+                sqlx::query(&sql)
+                    .bind(records)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+            Self::Sqlite(pool) => {
+                let fields: Vec<String> = COLUMNS
+                    .split(", ")
+                    .map(|c| format!("json_extract(value, '$.{c}')"))
+                    .collect();
+                // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
+                let sql = format!(
+                    "INSERT INTO usage_records ({COLUMNS}) SELECT {} FROM json_each(?1) \
+                     WHERE true ON CONFLICT (id) DO NOTHING",
+                    fields.join(", ")
+                );
+                sqlx::query(&sql)
+                    .bind(records)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+        };
         Ok(n)
     }
 

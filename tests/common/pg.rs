@@ -128,7 +128,11 @@ impl PgCluster {
 
     /// `CREATE DATABASE db`; returns `url(db)`.
     pub fn create_database(&self, db: &str) -> String {
-        let sql = format!("CREATE DATABASE {}", quote_ident(db));
+        let mut sql = format!("CREATE DATABASE {}", quote_ident(db));
+        if self.major_version() >= 15 {
+            // Copying the template's files is ~100 ms against ~160 ms for the WAL_LOG default.
+            sql.push_str(" STRATEGY = FILE_COPY");
+        }
         execute(&self.url("postgres"), &sql)
             .unwrap_or_else(|e| panic!("creating database {db}: {e}\n{}", self.log_tail()));
         self.url(db)
@@ -163,6 +167,14 @@ impl PgCluster {
     pub fn postmaster_pid(&self) -> Option<u32> {
         let text = fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
+    }
+
+    /// The server's major version, from `PG_VERSION` (0 if unreadable).
+    fn major_version(&self) -> u32 {
+        fs::read_to_string(self.data.join("PG_VERSION"))
+            .ok()
+            .and_then(|v| v.trim().split('.').next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     fn initdb(&self) -> Result<(), String> {
