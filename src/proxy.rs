@@ -167,7 +167,9 @@ impl Record {
         }
         if self.ledgered {
             self.state.ledger.append(&UsageRecord {
-                id: uuid::Uuid::new_v4().to_string(),
+                // Time-ordered, so the primary key index grows at its end instead of
+                // touching random pages (and writing their full images to the WAL).
+                id: uuid::Uuid::now_v7().to_string(),
                 request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
                 ts_ms: now_ms(),
                 key_id: self.key.as_ref().map(|k| k.id.to_string()),

@@ -98,6 +98,8 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    // A missing secret must stop the start before anything is created or migrated.
+    config.resolve_secrets()?;
     let (store, storage) = open_storage(&config).await?;
     let state = Arc::new(AppState::new(&config, storage)?);
     let tracker = TaskTracker::new();

@@ -436,7 +436,7 @@ async fn retention_deletes_old_rows_in_batches_and_keeps_new_ones(db: Db) {
     let config = Config::from_toml(&config_for(&[&up], &storage(db, dir.path(), "open"))).unwrap();
     let store = Store::open(&config).await.unwrap();
     let record = |i: usize, ts_ms: i64| UsageRecord {
-        id: format!("id-{i}"),
+        id: format!("00000000-0000-7000-8000-{i:012}"),
         request_id: format!("r-{i}"),
         ts_ms,
         key_id: None,

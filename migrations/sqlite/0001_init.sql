@@ -30,10 +30,10 @@ CREATE TABLE usage_records (
     client_disconnected BOOLEAN NOT NULL,
     instance_id         TEXT NOT NULL
 );
--- `usage --since` (and retention) scan by time; `--by key` / `--by model` group within it.
+-- `usage --since --by key|model` and retention read a time range and aggregate it;
+-- (key_id, ts_ms) serves one key's history (audits, billing per key).
 CREATE INDEX usage_records_ts ON usage_records (ts_ms);
 CREATE INDEX usage_records_key_ts ON usage_records (key_id, ts_ms);
-CREATE INDEX usage_records_model_ts ON usage_records (model, ts_ms);
 
 CREATE TABLE instances (
     id              TEXT PRIMARY KEY,

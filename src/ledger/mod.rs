@@ -4,8 +4,8 @@
 pub mod spool;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -15,7 +15,7 @@ use crate::config::{LedgerConfig, SpoolFullPolicy};
 use crate::metrics::LedgerMetrics;
 use crate::store::usage::UsageRecord;
 use crate::store::{Store, now_ms};
-use spool::{Spool, SpoolConfig, SpoolError};
+use spool::{Position, Spool, SpoolConfig, SpoolError};
 
 /// Room kept free in a `reject`-policy spool so that requests admitted while it filled up
 /// can still write their records.
@@ -34,6 +34,8 @@ pub struct Ledger {
     pending: AtomicUsize,
     wake: Notify,
     db_ok: AtomicBool,
+    /// End of the last read that found no records, once committed.
+    last_empty_end: Mutex<Option<Position>>,
 }
 
 impl Ledger {
@@ -56,6 +58,7 @@ impl Ledger {
             pending: AtomicUsize::new(0),
             wake: Notify::new(),
             db_ok: AtomicBool::new(true),
+            last_empty_end: Mutex::new(None),
         })
     }
 
@@ -126,6 +129,20 @@ impl Ledger {
                     .saturating_sub(self.metrics.corrupt_frames.get()),
             );
             if batch.records.is_empty() {
+                // The read may still have moved past corrupt bytes or drained segments:
+                // commit that, so their space is freed, but only when it moved (a commit
+                // writes and syncs the cursor file).
+                let mut last = self
+                    .last_empty_end
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if *last != Some(batch.end) {
+                    if let Err(e) = self.spool.commit(batch.end) {
+                        tracing::error!(error = %e, "cannot trim the usage spool");
+                        return Err(());
+                    }
+                    *last = Some(batch.end);
+                }
                 self.metrics.lag_ms.set(0);
                 self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
                 return Ok(());
@@ -205,8 +222,12 @@ impl Ledger {
                 Ok(()) => failures = 0,
                 Err(()) => failures = failures.saturating_add(1),
             }
-            if let Err(e) = self.spool.sync() {
-                tracing::warn!(error = %e, "cannot sync the usage spool");
+            // fdatasync can take milliseconds: not on a runtime worker.
+            let me = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || me.spool.sync()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the usage spool"),
+                Err(e) => tracing::warn!(error = %e, "spool sync task failed"),
             }
             if !self.config.retention.is_zero()
                 && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY)

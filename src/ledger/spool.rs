@@ -4,7 +4,8 @@
 //! # On-disk layout
 //! `dir` holds segment files `{id:020}.spool` (lexical order = numeric order = append order)
 //! and `cursor`, the committed read position as ASCII `"<segment> <offset>\n"`, replaced
-//! atomically (`cursor.tmp` is written, synced and renamed over it). A segment is a sequence
+//! atomically (`cursor.tmp` is written and renamed over it; not synced, as a lost cursor
+//! only makes the shipper re-send records, which the database ignores). A segment is a sequence
 //! of frames, each written by one `write(2)` on an `O_APPEND` file:
 //!
 //! | bytes | field                                                   |
@@ -25,9 +26,9 @@
 //! `bytes` counts every byte appended to (or found at `open` in) segment files that still
 //! exist, the active one included; a segment's bytes are released when its file is deleted.
 //! `commit(pos)` deletes whole segments before `pos.segment`. When `pos` is exactly the end of
-//! a non-empty active segment, `commit` also rolls to a fresh segment and deletes the
-//! consumed one at once, so a drained spool holds zero bytes even if `segment_bytes` is never
-//! reached (the cost is one file create + delete per commit of a drained, non-empty spool).
+//! the active segment and that holds at least 1 MiB (or `segment_bytes`, if smaller), or the
+//! spool is over half full, `commit` also rolls to a fresh segment and deletes the consumed
+//! one at once, so a drained spool frees its space even if `segment_bytes` is never reached.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -47,6 +48,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Sealed segments remembered for the next `sync`; older ones are left to the kernel.
 const MAX_UNSYNCED: usize = 16;
+/// A fully shipped active segment at least this large is rolled and deleted at commit.
+const DRAINED_ROLL_BYTES: u64 = 1 << 20;
 const CURSOR_FILE: &str = "cursor";
 const CURSOR_TMP: &str = "cursor.tmp";
 const SEGMENT_SUFFIX: &str = ".spool";
@@ -314,7 +317,11 @@ impl Spool {
         let mut delete_below = pos.segment;
         if pos.segment == active && pos.offset > 0 {
             let mut w = lock(&self.writer);
-            if w.id == pos.segment && w.len == pos.offset && !w.broken {
+            // Rolling costs a file create and delete under the writer lock, so a drained
+            // segment is only rolled once it is worth reclaiming, or when space is short.
+            let worth = pos.offset >= DRAINED_ROLL_BYTES.min(self.config.segment_bytes)
+                || self.bytes() > self.config.max_bytes / 2;
+            if worth && w.id == pos.segment && w.len == pos.offset && !w.broken {
                 match self.roll(&mut w) {
                     Ok(()) => delete_below = pos.segment + 1,
                     Err(e) => tracing::warn!(error = %e, "cannot roll the drained spool segment"),
@@ -632,8 +639,9 @@ fn read_cursor(dir: &Path) -> Result<Position, SpoolError> {
 fn write_cursor(dir: &Path, pos: Position) -> Result<(), SpoolError> {
     let tmp = dir.join(CURSOR_TMP);
     let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    // Not synced: a cursor lost to a power failure only replays records that were already
+    // shipped, and shipping is idempotent.
     file.write_all(format!("{} {}\n", pos.segment, pos.offset).as_bytes())
-        .and_then(|()| file.sync_data())
         .map_err(io_err("write", &tmp))?;
     let path = dir.join(CURSOR_FILE);
     fs::rename(&tmp, &path).map_err(io_err("replace", &path))
@@ -685,6 +693,14 @@ mod tests {
         v
     }
 
+    /// Bytes in segment files on disk: what `bytes()` must account for.
+    fn on_disk(dir: &Path) -> u64 {
+        segments(dir)
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum()
+    }
+
     #[test]
     fn spool_is_send_sync() {
         fn check<T: Send + Sync>() {}
@@ -707,7 +723,10 @@ mod tests {
         assert_eq!(batch.records, want);
         spool.commit(batch.end).unwrap();
         assert!(spool.read_batch(None, 1000).unwrap().records.is_empty());
-        assert_eq!(spool.bytes(), 0, "every consumed segment is deleted");
+        // Every consumed segment is deleted; the drained active one (under the roll
+        // threshold) stays and is what is accounted.
+        assert_eq!(spool.bytes(), on_disk(dir.path()));
+        assert!(spool.bytes() < 300 + 64, "{}", spool.bytes());
         assert_eq!(
             segments(dir.path()).len(),
             1,
@@ -864,7 +883,7 @@ mod tests {
             spool.commit(b.end).unwrap();
         }
         assert_eq!(got, (0..300).map(rec).collect::<Vec<_>>());
-        assert_eq!(spool.bytes(), 0);
+        assert_eq!(spool.bytes(), on_disk(dir.path()));
         assert_eq!(segments(dir.path()).len(), 1);
     }
 
@@ -950,6 +969,10 @@ mod tests {
         }
         assert!(spool.read_batch(None, 10).unwrap().records.is_empty());
         assert_eq!(spool.corrupt_frames(), 0);
-        assert_eq!(spool.bytes(), 0);
+        assert_eq!(spool.bytes(), on_disk(dir.path()));
+        assert!(
+            spool.bytes() < 256 << 10,
+            "only the drained active segment is left"
+        );
     }
 }

@@ -91,7 +91,7 @@ impl Store {
             Self::Postgres(pool) => {
                 let sql = format!(
                     "INSERT INTO usage_records ({COLUMNS}) SELECT {COLUMNS} FROM \
-                     json_to_recordset($1::json) AS r(id text, request_id text, ts_ms bigint, \
+                     json_to_recordset($1::json) AS r(id uuid, request_id text, ts_ms bigint, \
                      key_id text, model text, backend text, endpoint text, status integer, \
                      prompt_tokens bigint, completion_tokens bigint, estimated boolean, \
                      latency_us bigint, ttft_us bigint, client_disconnected boolean, \
@@ -166,7 +166,7 @@ impl Store {
     /// Every record since `since_ms`, oldest first (for audits and tests; unbounded).
     pub async fn usage_records(&self, since_ms: i64) -> Result<Vec<UsageRecord>, StoreError> {
         let sql = self.sql(
-            "SELECT id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
+            "SELECT CAST(id AS TEXT) AS id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
              prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
              client_disconnected, instance_id FROM usage_records WHERE ts_ms >= $1 \
              ORDER BY ts_ms, id",
