@@ -42,6 +42,12 @@ pub fn parse_expiry(text: &str, now: i64) -> Result<i64, AdminError> {
             "--expires {text:?} is not in the future"
         )));
     }
+    // 9999-12-31T23:59:59Z: RFC 3339 (and `keys list`) cannot show later times.
+    if at > 253_402_300_799_000 {
+        return Err(AdminError::Usage(format!(
+            "--expires {text:?} is after the year 9999"
+        )));
+    }
     Ok(at)
 }
 
@@ -303,5 +309,6 @@ mod tests {
         );
         assert!(parse_expiry("1970-01-01T00:00:01Z", now).is_err());
         assert!(parse_expiry("soon", now).is_err());
+        assert!(parse_expiry("9000y", now).is_err());
     }
 }

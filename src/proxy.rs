@@ -163,7 +163,7 @@ impl Record {
         let duration = self.started.elapsed();
         let t = tokens.unwrap_or_default();
         if let Some((limiter, estimated)) = self.reservation.take() {
-            limiter.settle(estimated, t.prompt + t.completion);
+            limiter.settle(estimated, t.prompt.saturating_add(t.completion));
         }
         if self.ledgered {
             self.state.ledger.append(&UsageRecord {
@@ -177,9 +177,9 @@ impl Record {
                 backend: self.backend.as_deref().map(str::to_owned),
                 endpoint: self.endpoint.label().to_owned(),
                 status,
-                // A backend may report absurd counts; the database stores signed 64-bit.
-                prompt_tokens: t.prompt.min(I64_MAX),
-                completion_tokens: t.completion.min(I64_MAX),
+                // A backend may report absurd counts; sums over them must not overflow.
+                prompt_tokens: t.prompt.min(MAX_RECORDED_TOKENS),
+                completion_tokens: t.completion.min(MAX_RECORDED_TOKENS),
                 estimated: t.estimated,
                 latency_us: micros(duration),
                 ttft_us: self.ttft.map(micros),
@@ -219,6 +219,9 @@ impl Record {
 }
 
 const I64_MAX: u64 = i64::MAX.unsigned_abs();
+/// Token counts above this (2^40) are recorded as this, so that sums over millions of
+/// rows stay far from overflowing 64 bits.
+const MAX_RECORDED_TOKENS: u64 = 1 << 40;
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(I64_MAX).min(I64_MAX)
@@ -467,11 +470,12 @@ async fn proxy(
             return Err(ApiError::ModelNotAllowed(model_name));
         }
         if let Some(limiter) = &key.limiter {
-            let estimate = Tokens::estimate_from_bytes(raw.len()) + head.max_output_tokens();
+            let estimate =
+                Tokens::estimate_from_bytes(raw.len()).saturating_add(head.max_output_tokens());
             match limiter.acquire(estimate, state.limit_share()) {
-                Ok(snapshot) => {
-                    record.limits = Some(snapshot);
-                    record.reservation = Some((Arc::clone(limiter), estimate));
+                Ok(grant) => {
+                    record.limits = Some(grant.snapshot);
+                    record.reservation = Some((Arc::clone(limiter), grant.reserved));
                 }
                 Err(refusal) => {
                     record.limits = Some(refusal.snapshot);

@@ -3,7 +3,7 @@
 //! Tokens are reserved from an estimate before a request and settled with the real usage
 //! after it.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A key's configured limits per minute; `None` is unlimited.
@@ -40,6 +40,15 @@ pub struct Snapshot {
     pub requests: Option<BucketView>,
     /// Token bucket, when `tpm` is set.
     pub tokens: Option<BucketView>,
+}
+
+/// An admitted request: the bucket states for the headers and the tokens reserved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grant {
+    /// Bucket states after the reservation.
+    pub snapshot: Snapshot,
+    /// Tokens taken from the bucket (the estimate, capped at the bucket size).
+    pub reserved: u64,
 }
 
 /// Which limit refused a request.
@@ -84,12 +93,19 @@ fn per_sec(limit: f64) -> f64 {
     limit / 60.0
 }
 
+/// `secs` as a duration; huge or invalid values become a day (never a panic).
+fn seconds(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs)
+        .unwrap_or(Duration::ZERO)
+        .min(Duration::from_secs(86_400))
+}
+
 fn view(level: f64, cap: f64) -> BucketView {
     let missing = (cap - level).max(0.0);
     BucketView {
         limit: cap.floor() as u64,
         remaining: level.max(0.0).floor() as u64,
-        reset: Duration::from_secs_f64(missing / per_sec(cap).max(f64::MIN_POSITIVE)),
+        reset: seconds(missing / per_sec(cap).max(f64::MIN_POSITIVE)),
     }
 }
 
@@ -111,17 +127,17 @@ impl Limiter {
         self.limits
     }
 
-    /// Takes one request and `tokens` (the estimate) if both buckets allow it. `share` is
-    /// this instance's part of the key's limits (1.0 alone; 1/n with n live instances).
-    pub fn acquire(&self, tokens: u64, share: f64) -> Result<Snapshot, Refusal> {
+    /// Takes one request and `tokens` (the estimate, at most one full bucket) if both
+    /// buckets allow it. `share` is this instance's part of the key's limits (1.0 alone;
+    /// 1/n with n live instances). Returns the bucket states and the tokens reserved, which
+    /// `settle` must be given back.
+    pub fn acquire(&self, tokens: u64, share: f64) -> Result<Grant, Refusal> {
         let now = Instant::now();
         let rpm = self.limits.rpm.map(|l| (l as f64 * share).max(1.0));
         let tpm = self.limits.tpm.map(|l| (l as f64 * share).max(1.0));
-        let Ok(mut b) = self.state.lock() else {
-            // A panic while holding this lock cannot leave the buckets unusable for
-            // accounting purposes; refusing nothing is the safe side.
-            return Ok(Snapshot::default());
-        };
+        // The buckets are plain numbers, valid whatever a panicking holder left.
+        let mut b = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let tokens = tpm.map_or(0, |cap| tokens.min(cap as u64));
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         b.at = now;
         if let Some(cap) = rpm {
@@ -141,20 +157,20 @@ impl Limiter {
                 kind: LimitKind::Requests,
                 limit: cap as u64,
                 requested: 1,
-                retry_after: Duration::from_secs_f64((1.0 - b.requests) / per_sec(cap)),
+                retry_after: seconds((1.0 - b.requests) / per_sec(cap)),
                 snapshot: snapshot(&b),
             });
         }
         if let Some(cap) = tpm {
-            // A request larger than the whole bucket may still run once the bucket is full;
-            // otherwise it could never run at all.
-            let need = (tokens as f64).min(cap);
+            // `tokens` is capped at the bucket: a request larger than the whole bucket may
+            // still run once the bucket is full; otherwise it could never run at all.
+            let need = tokens as f64;
             if b.tokens < need {
                 return Err(Refusal {
                     kind: LimitKind::Tokens,
                     limit: cap as u64,
                     requested: tokens,
-                    retry_after: Duration::from_secs_f64((need - b.tokens) / per_sec(cap)),
+                    retry_after: seconds((need - b.tokens) / per_sec(cap)),
                     snapshot: snapshot(&b),
                 });
             }
@@ -165,7 +181,10 @@ impl Limiter {
         if tpm.is_some() {
             b.tokens -= tokens as f64;
         }
-        Ok(snapshot(&b))
+        Ok(Grant {
+            snapshot: snapshot(&b),
+            reserved: tokens,
+        })
     }
 
     /// Corrects a reservation of `estimated` tokens to the `actual` use: the difference is
@@ -174,9 +193,10 @@ impl Limiter {
         let Some(cap) = self.limits.tpm else {
             return;
         };
-        if let Ok(mut b) = self.state.lock() {
-            b.tokens = (b.tokens + estimated as f64 - actual as f64).min(cap as f64);
-        }
+        let cap = cap as f64;
+        let mut b = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // The debt a request can leave is one bucket: at most a minute of waiting.
+        b.tokens = (b.tokens + estimated as f64 - actual as f64).clamp(-cap, cap);
     }
 }
 
@@ -220,7 +240,7 @@ mod tests {
             rpm: None,
             tpm: Some(1000),
         });
-        let s = l.acquire(600, 1.0).unwrap();
+        let s = l.acquire(600, 1.0).unwrap().snapshot;
         assert_eq!(s.tokens.unwrap().remaining, 400);
         assert_eq!(l.acquire(600, 1.0).unwrap_err().kind, LimitKind::Tokens);
         // The first request used only 100 tokens: 500 come back.
@@ -234,8 +254,27 @@ mod tests {
             rpm: Some(10),
             tpm: None,
         });
-        let s = l.acquire(0, 0.5).unwrap();
+        let s = l.acquire(0, 0.5).unwrap().snapshot;
         assert_eq!(s.requests.unwrap().limit, 5);
+    }
+
+    #[test]
+    fn an_absurd_estimate_reserves_one_bucket_and_cannot_break_the_limiter() {
+        let l = Limiter::new(Limits {
+            rpm: None,
+            tpm: Some(10),
+        });
+        let g = l.acquire(u64::MAX, 1.0).unwrap();
+        assert_eq!(g.reserved, 10);
+        let r = l.acquire(1, 1.0).unwrap_err();
+        assert!(r.retry_after <= Duration::from_secs(60));
+        l.settle(g.reserved, u64::MAX);
+        let r = l.acquire(1, 1.0).unwrap_err();
+        assert!(
+            r.retry_after <= Duration::from_secs(120),
+            "{:?}",
+            r.retry_after
+        );
     }
 
     #[test]

@@ -102,7 +102,10 @@ pub async fn serve(
     config.resolve_secrets()?;
     let (store, storage) = open_storage(&config).await?;
     let state = Arc::new(AppState::new(&config, storage)?);
+    // Connections and background tasks are tracked apart: every connection (and with it
+    // every request's ledger record) must be gone before the shipper's last flush.
     let tracker = TaskTracker::new();
+    let connections = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let stop_ledger = CancellationToken::new();
     tracker.spawn(Arc::clone(&state.ledger).run_shipper(
@@ -144,7 +147,7 @@ pub async fn serve(
     let conn = ConnCtx {
         builder: &builder,
         graceful: &graceful,
-        tracker: &tracker,
+        tracker: &connections,
         hard_stop: &hard_stop,
         nodelay: config.server.tcp_nodelay,
         write_stall_timeout: config.server.write_stall_timeout,
@@ -185,6 +188,8 @@ pub async fn serve(
         tracing::warn!("shutdown timeout reached: closing remaining connections");
         hard_stop.cancel();
     }
+    connections.close();
+    connections.wait().await;
     // Every request has finished and written its record: ship what is left.
     stop_ledger.cancel();
     tracker.close();

@@ -461,9 +461,20 @@ async fn retention_deletes_old_rows_in_batches_and_keeps_new_ones(db: Db) {
     store.insert_usage(&recent).await.unwrap();
     // Shipping the same records again inserts nothing.
     assert_eq!(store.insert_usage(&recent).await.unwrap(), 0);
-    assert_eq!(store.delete_usage_before(2_000).await.unwrap(), 12_000);
+    // Two statements of 5000 per call: not done after the first call.
+    assert_eq!(
+        store.delete_usage_before(2_000, 2).await.unwrap(),
+        (10_000, false)
+    );
+    assert_eq!(
+        store.delete_usage_before(2_000, 2).await.unwrap(),
+        (2_000, true)
+    );
     assert_eq!(store.count_usage().await.unwrap(), 10);
-    assert_eq!(store.delete_usage_before(2_000).await.unwrap(), 0);
+    assert_eq!(
+        store.delete_usage_before(2_000, 2).await.unwrap(),
+        (0, true)
+    );
 }
 
 /// Two instances on one PostgreSQL database each enforce half of a key's limits.

@@ -24,6 +24,8 @@ const ADMISSION_MARGIN: u64 = 1 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often old rows are deleted when `ledger.retention` is set.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Retention statements per shipper round (each deletes up to a few thousand rows).
+const RETENTION_BATCHES_PER_ROUND: u32 = 10;
 
 /// The spool and what the request path needs to append to it.
 #[derive(Debug)]
@@ -111,9 +113,12 @@ impl Ledger {
         self.metrics.lag_ms.get()
     }
 
-    /// Ships every complete record in the spool; returns Err after the first failed insert
-    /// (the records stay and are retried).
-    async fn ship_all(&self, store: &Store) -> Result<(), ()> {
+    /// Ships complete records from the spool: until a read finds none (`until_empty`), or
+    /// until a batch comes back short of `batch_size` (the reader caught up with the
+    /// writers), so that under steady load the shipper still gets back to syncing and
+    /// retention. Returns Err after the first failed insert (the records stay and are
+    /// retried).
+    async fn ship_all(&self, store: &Store, until_empty: bool) -> Result<(), ()> {
         loop {
             self.pending.store(0, Ordering::Relaxed);
             let batch = match self.spool.read_batch(None, self.config.batch_size) {
@@ -184,6 +189,9 @@ impl Ledger {
                         return Err(());
                     }
                     self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
+                    if !until_empty && batch.records.len() < self.config.batch_size {
+                        return Ok(());
+                    }
                 }
                 Err(e) => {
                     self.db_ok.store(false, Ordering::Relaxed);
@@ -207,6 +215,7 @@ impl Ledger {
     ) {
         let mut failures = 0u32;
         let mut last_retention: Option<tokio::time::Instant> = None;
+        let mut last_sync = tokio::time::Instant::now();
         loop {
             let wait = if failures == 0 {
                 self.config.flush_interval
@@ -218,16 +227,19 @@ impl Ledger {
                 () = self.wake.notified(), if failures == 0 => {}
                 () = tokio::time::sleep(wait) => {}
             }
-            match self.ship_all(&store).await {
+            match self.ship_all(&store, false).await {
                 Ok(()) => failures = 0,
                 Err(()) => failures = failures.saturating_add(1),
             }
-            // fdatasync can take milliseconds: not on a runtime worker.
-            let me = Arc::clone(&self);
-            match tokio::task::spawn_blocking(move || me.spool.sync()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the usage spool"),
-                Err(e) => tracing::warn!(error = %e, "spool sync task failed"),
+            if last_sync.elapsed() >= self.config.flush_interval {
+                last_sync = tokio::time::Instant::now();
+                // fdatasync can take milliseconds: not on a runtime worker.
+                let me = Arc::clone(&self);
+                match tokio::task::spawn_blocking(move || me.spool.sync()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the usage spool"),
+                    Err(e) => tracing::warn!(error = %e, "spool sync task failed"),
+                }
             }
             if !self.config.retention.is_zero()
                 && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
@@ -235,15 +247,26 @@ impl Ledger {
                 last_retention = Some(tokio::time::Instant::now());
                 let cutoff =
                     now_ms() - i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
-                match store.delete_usage_before(cutoff).await {
-                    Ok(n) if n > 0 => tracing::info!(deleted = n, "usage retention applied"),
-                    Ok(_) => {}
+                // A bounded amount per round, so a large backlog neither delays shipping
+                // nor shutdown; the next round goes on where this one stopped.
+                match store
+                    .delete_usage_before(cutoff, RETENTION_BATCHES_PER_ROUND)
+                    .await
+                {
+                    Ok((n, done)) => {
+                        if n > 0 {
+                            tracing::info!(deleted = n, "usage retention applied");
+                        }
+                        if !done {
+                            last_retention = None;
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "usage retention failed"),
                 }
             }
         }
         let drained = tokio::time::timeout(drain_timeout, async {
-            while self.ship_all(&store).await.is_err() {
+            while self.ship_all(&store, true).await.is_err() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })

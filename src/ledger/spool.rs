@@ -51,6 +51,7 @@ const MAX_UNSYNCED: usize = 16;
 /// A fully shipped active segment at least this large is rolled and deleted at commit.
 const DRAINED_ROLL_BYTES: u64 = 1 << 20;
 const CURSOR_FILE: &str = "cursor";
+const LOCK_FILE: &str = "lock";
 const CURSOR_TMP: &str = "cursor.tmp";
 const SEGMENT_SUFFIX: &str = ".spool";
 
@@ -106,6 +107,12 @@ pub enum SpoolError {
     /// The configuration cannot work.
     #[error("invalid spool config: {0}")]
     Config(&'static str),
+    /// Another process has this spool open (two instances with one state directory).
+    #[error(
+        "spool {} is in use by another process: give each instance its own storage.state_dir",
+        path.display()
+    )]
+    Locked { path: PathBuf },
 }
 
 /// The appending side: the active segment, guarded by `Spool::writer`.
@@ -139,6 +146,9 @@ pub struct Spool {
     corrupt: AtomicU64,
     /// Furthest corrupt frame counted, so re-reading it does not count it twice.
     corrupt_mark: Mutex<Option<Position>>,
+    /// Exclusive lock on `dir/lock`, held while the spool is open: two processes sharing
+    /// one spool would ship and delete each other's active segment.
+    _lock: File,
 }
 
 impl Spool {
@@ -153,6 +163,23 @@ impl Spool {
         }
         let dir = config.dir.clone();
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(match e {
+                fs::TryLockError::WouldBlock => SpoolError::Locked { path: lock_path },
+                fs::TryLockError::Error(e) => SpoolError::Io {
+                    op: "lock",
+                    path: lock_path,
+                    source: e,
+                },
+            });
+        }
         let committed = read_cursor(&dir)?;
         let mut found = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
@@ -196,6 +223,7 @@ impl Spool {
             committed: Mutex::new(committed),
             corrupt: AtomicU64::new(0),
             corrupt_mark: Mutex::new(None),
+            _lock: lock,
             config,
         })
     }
@@ -699,6 +727,23 @@ mod tests {
             .iter()
             .map(|p| fs::metadata(p).unwrap().len())
             .sum()
+    }
+
+    #[test]
+    fn a_second_open_of_one_directory_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path(), 1 << 20, 1 << 20);
+        let second = Spool::open(SpoolConfig {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 1 << 20,
+            max_bytes: 1 << 20,
+        });
+        assert!(
+            matches!(second, Err(SpoolError::Locked { .. })),
+            "{second:?}"
+        );
+        drop(first);
+        open(dir.path(), 1 << 20, 1 << 20);
     }
 
     #[test]

@@ -208,16 +208,21 @@ impl Store {
         })
     }
 
-    /// Deletes rows older than `before_ms` in batches of a few thousand, so retention never
-    /// holds long locks or builds one huge transaction; the freed space is reused by new
-    /// rows (PostgreSQL autovacuum, SQLite free pages). Returns the rows deleted.
-    pub async fn delete_usage_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+    /// Deletes rows older than `before_ms`, a few thousand per statement and at most
+    /// `max_batches` statements, so retention never holds long locks or builds one huge
+    /// transaction; the freed space is reused by new rows (PostgreSQL autovacuum, SQLite
+    /// free pages). Returns the rows deleted and whether none older are left.
+    pub async fn delete_usage_before(
+        &self,
+        before_ms: i64,
+        max_batches: u32,
+    ) -> Result<(u64, bool), StoreError> {
         let sql = self.sql(
             "DELETE FROM usage_records WHERE id IN \
              (SELECT id FROM usage_records WHERE ts_ms < $1 LIMIT $2)",
         );
         let mut total = 0;
-        loop {
+        for _ in 0..max_batches {
             let n = with_pool!(self, pool => {
                 sqlx::query(&sql)
                     .bind(before_ms)
@@ -228,8 +233,9 @@ impl Store {
             });
             total += n;
             if n < RETENTION_BATCH.unsigned_abs() {
-                return Ok(total);
+                return Ok((total, true));
             }
         }
+        Ok((total, false))
     }
 }
