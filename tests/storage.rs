@@ -392,6 +392,79 @@ async fn the_instance_is_registered_and_health_shows_the_database(db: Db) {
     assert!(rows[0].stopped_at_ms.is_some(), "a clean stop is recorded");
 }
 
+async fn a_record_the_database_refuses_is_set_aside_and_the_rest_shipped(db: Db) {
+    let up = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A spool left by an earlier run: one good record and one the schema refuses.
+    {
+        let spool =
+            llm_gateway::ledger::spool::Spool::open(llm_gateway::ledger::spool::SpoolConfig {
+                dir: dir.path().join("spool"),
+                segment_bytes: 1 << 20,
+                max_bytes: 1 << 30,
+            })
+            .unwrap();
+        let good = UsageRecord {
+            id: "01900000-0000-7000-8000-000000000001".into(),
+            request_id: "left-over".into(),
+            ts_ms: 1,
+            key_id: None,
+            model: Some("m".into()),
+            backend: None,
+            endpoint: "chat_completions".into(),
+            status: 200,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            estimated: false,
+            latency_us: 1,
+            ttft_us: None,
+            client_disconnected: false,
+            instance_id: "old".into(),
+        };
+        spool
+            .append(br#"{"id":"01900000-0000-7000-8000-000000000002"}"#)
+            .unwrap();
+        spool.append(&serde_json::to_vec(&good).unwrap()).unwrap();
+    }
+    let toml = config_for(&[&up], &storage(db, dir.path(), "open"));
+    let config = Config::from_toml(&toml).unwrap();
+    let gw = Gateway::start(&toml).await;
+    for _ in 0..3 {
+        assert_eq!(
+            client()
+                .post(gw.url("/v1/chat/completions"))
+                .json(&chat_body(false))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let store = Store::open(&config).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.count_usage().await.unwrap() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the ledger is stuck behind the bad record"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rows = store.usage_records(0).await.unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().any(|r| r.request_id == "left-over"));
+    let rejected = std::fs::read_to_string(dir.path().join("rejected.jsonl")).unwrap();
+    assert_eq!(
+        rejected,
+        "{\"id\":\"01900000-0000-7000-8000-000000000002\"}\n"
+    );
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(&m, "llm_gateway_ledger_records_dropped_total"),
+        Some(1.0)
+    );
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -412,6 +485,7 @@ on_both!(
     every_request_is_in_the_ledger_once_with_its_figures,
     the_instance_is_registered_and_health_shows_the_database,
     retention_deletes_old_rows_in_batches_and_keeps_new_ones,
+    a_record_the_database_refuses_is_set_aside_and_the_rest_shipped,
 );
 
 /// `keys create` may run while the service starts: both migrate the same fresh database.

@@ -38,6 +38,8 @@ pub struct Ledger {
     db_ok: AtomicBool,
     /// End of the last read that found no records, once committed.
     last_empty_end: Mutex<Option<Position>>,
+    /// Where records the database refuses are kept.
+    rejected: std::path::PathBuf,
 }
 
 impl Ledger {
@@ -61,6 +63,7 @@ impl Ledger {
             wake: Notify::new(),
             db_ok: AtomicBool::new(true),
             last_empty_end: Mutex::new(None),
+            rejected: state_dir.join("rejected.jsonl"),
         })
     }
 
@@ -180,7 +183,12 @@ impl Ledger {
                 self.metrics.lag_ms.set((now_ms() - oldest.ts_ms).max(0));
             }
             let array = String::from_utf8_lossy(&array);
-            match store.insert_usage_json(&array).await {
+            let mut result = store.insert_usage_json(&array).await;
+            if result.is_err() && store.ping().await.is_ok() {
+                // The database is up but refused the batch: some record in it is bad.
+                result = self.insert_one_by_one(store, &batch.records).await;
+            }
+            match result {
                 Ok(new) => {
                     self.db_ok.store(true, Ordering::Relaxed);
                     self.metrics.written.inc_by(new);
@@ -201,6 +209,38 @@ impl Ledger {
                 }
             }
         }
+    }
+
+    /// Inserts records one at a time; one the database refuses while it answers is set
+    /// aside in `rejected.jsonl` in the state directory (and counted as dropped), so a
+    /// single bad record cannot stop the ledger. Err when the database stops answering.
+    async fn insert_one_by_one(
+        &self,
+        store: &Store,
+        records: &[Vec<u8>],
+    ) -> Result<u64, crate::store::StoreError> {
+        let mut new = 0;
+        for raw in records {
+            let one = format!("[{}]", String::from_utf8_lossy(raw));
+            match store.insert_usage_json(&one).await {
+                Ok(n) => new += n,
+                Err(e) => {
+                    store.ping().await?;
+                    tracing::error!(error = %e, "usage record refused by the database; set aside");
+                    self.metrics.dropped.inc();
+                    let line = [raw.as_slice(), b"\n"].concat();
+                    let written = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&self.rejected)
+                        .and_then(|mut f| std::io::Write::write_all(&mut f, &line));
+                    if let Err(e) = written {
+                        tracing::error!(error = %e, path = %self.rejected.display(), "cannot keep the refused record");
+                    }
+                }
+            }
+        }
+        Ok(new)
     }
 
     /// The shipper: ships whenever a batch is full or `flush_interval` passed, backs off
