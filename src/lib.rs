@@ -21,6 +21,7 @@ pub mod sse;
 pub mod stall;
 pub mod state;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod upstream;
 pub mod usage;

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::stall::WriteStallGuard;
 use crate::state::{AppState, Storage};
 use crate::store::{Store, StoreError};
-use crate::{auth, registry, routes, upstream};
+use crate::{auth, registry, routes, systemd, upstream};
 
 /// Sockets the gateway serves on, bound by the caller (CLI, tests, or a service manager).
 #[derive(Debug)]
@@ -158,6 +158,13 @@ pub async fn serve(
         tracing::info!(%addr, models = state.models.len(), backends = state.backends.len(), "listening");
     }
     let accept_api = conn.accept_loop(listeners.api, api);
+    // Listeners are bound (by the caller), the configuration is valid and the database is
+    // migrated: ready. Then pings and status run until serve returns (the watchdog must
+    // keep being fed during a drain).
+    systemd::ready(&state);
+    let stop_systemd = CancellationToken::new();
+    let notifier = TaskTracker::new();
+    notifier.spawn(systemd::run(Arc::clone(&state), stop_systemd.clone()));
     let accept_metrics = async {
         match listeners.metrics {
             Some(listener) => {
@@ -177,6 +184,7 @@ pub async fn serve(
     }
     // Listeners are dropped here: new connection attempts are refused from now on.
     state.start_draining();
+    systemd::stopping(state.backends.iter().map(|b| b.in_flight()).sum());
     stop_accepting.cancel();
     tracing::info!(
         timeout = ?config.server.shutdown_timeout,
@@ -194,6 +202,10 @@ pub async fn serve(
     stop_ledger.cancel();
     tracker.close();
     tracker.wait().await;
+    // The watchdog keeps pinging until everything else has finished.
+    stop_systemd.cancel();
+    notifier.close();
+    notifier.wait().await;
     if let Err(e) = store.mark_stopped(&state.instance_id).await {
         tracing::warn!(error = %e, "cannot mark this instance stopped in the registry");
     }
