@@ -127,6 +127,12 @@ wait_http() { # wait_http NAME URL
 #
 #   BENCH_TARGETS="llm-gateway litellm" bash bench/run.sh
 
+# The one backend and model every gateway target serves.
+routes_toml() { # routes_toml MOCK_BASE_URL
+    printf '[[backends]]\nname = "mock"\nbase_url = "%s"\nmax_concurrency = 1024\n' "$1"
+    printf '[[models]]\nname = "bench"\nroutes = [{ backend = "mock" }]\n'
+}
+
 # The baseline: the mock itself.
 start_target_direct() {
     echo "$1"
@@ -146,13 +152,7 @@ enabled = true
 state_dir = "$WORK/state"
 [auth]
 mode = "open"
-[[backends]]
-name = "mock"
-base_url = "$mock"
-max_concurrency = 1024
-[[models]]
-name = "bench"
-routes = [{ backend = "mock" }]
+$(routes_toml "$mock")
 EOF
     # RUST_LOG=warn: at info level the gateway logs one line per request.
     RUST_LOG=warn spawn llm-gateway "$BIN" serve --config "$WORK/llm-gateway.toml"
@@ -176,13 +176,7 @@ start_target_llm-gateway-nostorage() {
 [server]
 listen = "127.0.0.1:$port"
 ${BENCH_GW_WORKERS:+worker_threads = $BENCH_GW_WORKERS}
-[[backends]]
-name = "mock"
-base_url = "$mock"
-max_concurrency = 1024
-[[models]]
-name = "bench"
-routes = [{ backend = "mock" }]
+$(routes_toml "$mock")
 EOF
     RUST_LOG=warn spawn llm-gateway-nostorage "$bin" serve --config "$WORK/llm-gateway-nostorage.toml"
     wait_http llm-gateway-nostorage "http://127.0.0.1:$port/ready"
@@ -220,13 +214,7 @@ state_dir = "$WORK/state-pg"
 database_url = "postgres:///llm_gateway?host=$pg&user=postgres"
 [auth]
 mode = "keys"
-[[backends]]
-name = "mock"
-base_url = "$mock"
-max_concurrency = 1024
-[[models]]
-name = "bench"
-routes = [{ backend = "mock" }]
+$(routes_toml "$mock")
 EOF
     key=$("$BIN" keys create --config "$WORK/llm-gateway-pg.toml" --name bench | head -n 1)
     echo "Authorization: Bearer $key" >"$WORK/llm-gateway-pg.header"

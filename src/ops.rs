@@ -38,8 +38,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             })
         })
         .collect();
-    let db_up =
-        state.db_up.load(std::sync::atomic::Ordering::Relaxed) && state.ledger.database_ok();
+    let db_up = state.database_up();
     degraded |= !db_up;
     let keys_loaded = state.keys.loaded_at_ms();
     let database = json!({

@@ -99,9 +99,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     // A missing secret must stop the start before anything is created or migrated.
-    config.resolve_secrets()?;
+    let secrets = config.resolve_secrets()?;
     let (store, storage) = open_storage(&config).await?;
-    let state = Arc::new(AppState::new(&config, storage)?);
+    let state = Arc::new(AppState::new(&config, secrets, storage)?);
     // Connections and background tasks are tracked apart: every connection (and with it
     // every request's ledger record) must be gone before the shipper's last flush.
     let tracker = TaskTracker::new();

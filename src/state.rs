@@ -11,6 +11,7 @@ use crate::auth::KeyTable;
 use crate::config::{AuthMode, Config, ConfigError, UpstreamConfig};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::secret::Secret;
 use crate::upstream::{Backend, Route};
 
 /// A public model and its routes.
@@ -77,9 +78,13 @@ pub struct Storage {
 }
 
 impl AppState {
-    /// Builds backends (reading their secrets) and the model table.
-    pub fn new(config: &Config, storage: Storage) -> Result<Self, ConfigError> {
-        let secrets = config.resolve_secrets()?;
+    /// Builds backends (with their secrets, from `Config::resolve_secrets`) and the model
+    /// table.
+    pub fn new(
+        config: &Config,
+        secrets: Vec<Option<Secret>>,
+        storage: Storage,
+    ) -> Result<Self, ConfigError> {
         let mut by_name = HashMap::new();
         let mut backends = Vec::with_capacity(config.backends.len());
         for (i, (cfg, secret)) in config.backends.iter().zip(secrets).enumerate() {
@@ -146,6 +151,12 @@ impl AppState {
     /// Live instances as last read from the registry.
     pub fn live_instances(&self) -> usize {
         self.live_instances.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last database operations of the background tasks (key reload,
+    /// heartbeat, ledger shipping) succeeded.
+    pub fn database_up(&self) -> bool {
+        self.db_up.load(Ordering::Relaxed) && self.ledger.database_ok()
     }
 
     /// Shutdown has begun.

@@ -27,8 +27,7 @@ pub fn status_line(state: &AppState) -> String {
         .iter()
         .filter(|b| b.health() != Health::Unhealthy)
         .count();
-    let db = if state.db_up.load(std::sync::atomic::Ordering::Relaxed) && state.ledger.database_ok()
-    {
+    let db = if state.database_up() {
         "up"
     } else {
         "DOWN (usage is spooled)"

@@ -154,6 +154,64 @@ impl Completed {
     }
 }
 
+/// A throwaway PostgreSQL database, a mock upstream, and a gateway config in a temp dir.
+struct Setup {
+    cluster: PgCluster,
+    url: String,
+    config: PathBuf,
+    dir: tempfile::TempDir,
+    _up: llm_gateway::mock::MockUpstream,
+}
+
+/// The `[ledger]` lines that keep every record in the spool until a restart or drain.
+const HOLD_BACK: &str = "flush_interval = \"1h\"\nbatch_size = 10000";
+
+async fn setup(ledger: &str) -> Setup {
+    let cluster = PgCluster::start();
+    let url = cluster.create_database("ledger");
+    let up = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &up.base_url(), &url, ledger);
+    Setup {
+        cluster,
+        url,
+        config,
+        dir,
+        _up: up,
+    }
+}
+
+/// Sends `n` requests one after another with ids `<prefix>-<i>` (odd ones streamed when
+/// `streams`), each read to the end; returns the ids.
+async fn send_each(url: &str, prefix: &str, n: usize, streams: bool) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let r = client()
+            .post(format!("{url}/v1/chat/completions"))
+            .header("x-request-id", &id)
+            .json(&chat_body(streams && i % 2 == 0))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+async fn metrics_of(url: &str) -> String {
+    client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn store_at(url: &str) -> Store {
     let mut c = Config::from_toml(&config_for_url("http://127.0.0.1:1/v1")).unwrap();
     c.storage.database_url = Some(url.to_owned());
@@ -190,16 +248,14 @@ async fn assert_ledger_has_each_once(store: &Store, expected: &[String]) -> Hash
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_under_load_loses_no_record() {
-    let cluster = PgCluster::start();
-    let url = cluster.create_database("ledger");
-    let up = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &up.base_url(),
-        &url,
-        "flush_interval = \"50ms\"",
-    );
+    // Every field is held for the whole test (a `..` pattern would drop the cluster).
+    let Setup {
+        cluster,
+        url,
+        config,
+        dir: _dir,
+        _up,
+    } = setup("flush_interval = \"50ms\"").await;
     let gw = spawn(&config, &[]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -210,14 +266,7 @@ async fn a_database_outage_under_load_loses_no_record() {
     let at_outage = done.count();
     done.until(at_outage + 200).await;
     // The gateway kept serving and saw the outage.
-    let m = client()
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_of(&gw.url).await;
     assert!(
         metric(&m, "llm_gateway_ledger_write_failures_total").unwrap() >= 1.0,
         "{m}"
@@ -250,17 +299,14 @@ async fn a_database_outage_under_load_loses_no_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_then_restart_loses_no_record() {
-    let cluster = PgCluster::start();
-    let url = cluster.create_database("ledger");
-    let up = mock().await;
-    let dir = tempfile::tempdir().unwrap();
     // Nothing is shipped before the kill: every record must come back from the spool.
-    let config = write_config(
-        dir.path(),
-        &up.base_url(),
-        &url,
-        "flush_interval = \"1h\"\nbatch_size = 10000",
-    );
+    let Setup {
+        cluster: _cluster,
+        url,
+        config,
+        dir: _dir,
+        _up,
+    } = setup(HOLD_BACK).await;
     let mut gw = spawn(&config, &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(Completed::default());
@@ -284,31 +330,15 @@ async fn sigkill_under_load_then_restart_loses_no_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_spool_record_is_skipped_and_the_others_are_kept() {
-    let cluster = PgCluster::start();
-    let url = cluster.create_database("ledger");
-    let up = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &up.base_url(),
-        &url,
-        "flush_interval = \"1h\"\nbatch_size = 10000",
-    );
+    let Setup {
+        cluster: _cluster,
+        url,
+        config,
+        dir,
+        _up,
+    } = setup(HOLD_BACK).await;
     let mut gw = spawn(&config, &[]).await;
-    let mut ids = Vec::new();
-    for n in 0..20 {
-        let id = format!("torn-{n}");
-        let r = client()
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .header("x-request-id", &id)
-            .json(&chat_body(false))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
-        ids.push(id);
-    }
+    let ids = send_each(&gw.url, "torn", 20, false).await;
     kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
     gw.child.wait().unwrap();
 
@@ -337,14 +367,7 @@ async fn a_torn_spool_record_is_skipped_and_the_others_are_kept() {
         "the torn record cannot be in the ledger"
     );
     assert_eq!(counts.len(), 19);
-    let m = client()
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_of(&gw.url).await;
     assert_eq!(
         metric(&m, "llm_gateway_ledger_spool_corrupt_frames_total"),
         Some(1.0),
@@ -354,31 +377,15 @@ async fn a_torn_spool_record_is_skipped_and_the_others_are_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_the_ledger_before_exit() {
-    let cluster = PgCluster::start();
-    let url = cluster.create_database("ledger");
-    let up = mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &up.base_url(),
-        &url,
-        "flush_interval = \"1h\"\nbatch_size = 10000",
-    );
+    let Setup {
+        cluster: _cluster,
+        url,
+        config,
+        dir: _dir,
+        _up,
+    } = setup(HOLD_BACK).await;
     let mut gw = spawn(&config, &[]).await;
-    let mut ids = Vec::new();
-    for n in 0..30 {
-        let id = format!("term-{n}");
-        let r = client()
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .header("x-request-id", &id)
-            .json(&chat_body(n % 2 == 0))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
-        ids.push(id);
-    }
+    let ids = send_each(&gw.url, "term", 30, true).await;
     kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
     let status = gw.child.wait().unwrap();
     assert!(status.success(), "{status}");

@@ -125,21 +125,19 @@ impl Store {
     pub async fn open(config: &Config) -> Result<Self, StoreError> {
         let store = Self::connect(config).await?;
         let url = config.database_url();
-        match &store {
-            Self::Sqlite(pool) => {
-                // SQLite has no migration lock of its own: two processes opening a fresh
-                // file at once (the service and `keys create`) would both create the tables.
+        // SQLite has no migration lock of its own: two processes opening a fresh file at
+        // once (the service and `keys create`) would both create the tables.
+        let _lock = match &store {
+            Self::Sqlite(_) => {
                 let path = SqliteConnectOptions::from_str(&url)
                     .map_err(|e| StoreError::Url(e.to_string()))?
                     .get_filename()
                     .with_extension("migrate-lock");
-                let lock = lock_file(path).await?;
-                let result = SQLITE_MIGRATIONS.run(pool).await;
-                drop(lock);
-                result.map_err(|source| StoreError::Migrate { url, source })?;
+                Some(lock_file(path).await?)
             }
-            Self::Postgres(_) => store.migrate(&url).await?,
-        }
+            Self::Postgres(_) => None,
+        };
+        store.migrate(&url).await?;
         Ok(store)
     }
 
