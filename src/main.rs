@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use llm_gateway::cli::{Cli, Command};
 use llm_gateway::mock::{MockBehavior, MockState};
-use llm_gateway::{Config, Listeners, admin, serve, telemetry};
+use llm_gateway::{Config, Listeners, activation, admin, serve, telemetry};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// mimalloc: the proxy path allocates many small, short-lived buffers; the system
@@ -94,10 +94,17 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run_serve(config: Config) -> anyhow::Result<()> {
+    // Before the runtime starts any thread: this edits the environment.
+    let passed = activation::take()?;
     runtime(config.server.worker_threads)?.block_on(async {
-        let listeners = Listeners::bind(&config)
-            .await
-            .context("cannot bind listener")?;
+        let listeners = match passed {
+            Some(passed) => Listeners::from_passed(passed, &config)
+                .await
+                .context("cannot use the passed sockets")?,
+            None => Listeners::bind(&config)
+                .await
+                .context("cannot bind listener")?,
+        };
         serve_until_signalled(config, listeners).await
     })
 }

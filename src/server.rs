@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper::server::conn::http1;
+use hyper::service::Service as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::activation::Passed;
 use crate::auth::KeyTable;
 use crate::config::{Config, ConfigError};
 use crate::ledger::Ledger;
@@ -41,6 +42,27 @@ impl Listeners {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
+        Ok(Self { api, metrics })
+    }
+
+    /// Uses the sockets the service manager passed; `/metrics` without a passed socket of
+    /// its own is bound from `server.metrics_listen` when set. Needs the async runtime.
+    pub async fn from_passed(passed: Passed, config: &Config) -> std::io::Result<Self> {
+        let adopt = |l: std::net::TcpListener| {
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        };
+        let api = adopt(passed.api)?;
+        let metrics = match (passed.metrics, config.server.metrics_listen) {
+            (Some(l), _) => Some(adopt(l)?),
+            (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
+            (None, None) => None,
+        };
+        tracing::info!(
+            api = %api.local_addr()?,
+            metrics = ?metrics.as_ref().and_then(|m| m.local_addr().ok()),
+            "using the sockets passed by the service manager (server.listen is not bound)"
+        );
         Ok(Self { api, metrics })
     }
 }
@@ -127,7 +149,7 @@ pub async fn serve(
         stop_accepting.clone(),
     ));
     let hard_stop = CancellationToken::new();
-    let graceful = GracefulShutdown::new();
+    let drain = CancellationToken::new();
 
     if config.health_check.enabled && !state.backends.is_empty() {
         tracker.spawn(upstream::prober::run(
@@ -146,9 +168,10 @@ pub async fn serve(
         .header_read_timeout(config.server.header_read_timeout);
     let conn = ConnCtx {
         builder: &builder,
-        graceful: &graceful,
+        drain: &drain,
         tracker: &connections,
         hard_stop: &hard_stop,
+        first_request_grace: config.server.header_read_timeout,
         nodelay: config.server.tcp_nodelay,
         write_stall_timeout: config.server.write_stall_timeout,
     };
@@ -191,13 +214,14 @@ pub async fn serve(
         in_flight = state.backends.iter().map(|b| b.in_flight()).sum::<usize>(),
         "shutting down: finishing in-flight requests"
     );
-    let drained = tokio::time::timeout(config.server.shutdown_timeout, graceful.shutdown()).await;
+    drain.cancel();
+    connections.close();
+    let drained = tokio::time::timeout(config.server.shutdown_timeout, connections.wait()).await;
     if drained.is_err() {
         tracing::warn!("shutdown timeout reached: closing remaining connections");
         hard_stop.cancel();
+        connections.wait().await;
     }
-    connections.close();
-    connections.wait().await;
     // Every request has finished and written its record: ship what is left.
     stop_ledger.cancel();
     tracker.close();
@@ -216,9 +240,13 @@ pub async fn serve(
 
 struct ConnCtx<'a> {
     builder: &'a http1::Builder,
-    graceful: &'a GracefulShutdown,
+    /// Cancelled when shutdown begins: connections finish their request and close.
+    drain: &'a CancellationToken,
     tracker: &'a TaskTracker,
     hard_stop: &'a CancellationToken,
+    /// How long a connection accepted just before shutdown may take to send its first
+    /// request.
+    first_request_grace: Duration,
     nodelay: bool,
     write_stall_timeout: Duration,
 }
@@ -241,21 +269,84 @@ impl ConnCtx<'_> {
             {
                 tracing::debug!(error = %e, %peer, "TCP_NODELAY failed");
             }
-            let service = TowerToHyperService::new(app.clone());
+            // Marks the connection's first request, so that a drain does not close a
+            // connection whose request is still on its way.
+            let first = CancellationToken::new();
+            let service = {
+                let (inner, first) = (TowerToHyperService::new(app.clone()), first.clone());
+                hyper::service::service_fn(move |request| {
+                    first.cancel();
+                    inner.call(request)
+                })
+            };
             let io = TokioIo::new(WriteStallGuard::new(stream, self.write_stall_timeout));
             let connection = self.builder.serve_connection(io, service);
-            let connection = self.graceful.watch(connection);
-            let hard_stop = self.hard_stop.clone();
-            self.tracker.spawn(async move {
-                tokio::select! {
-                    result = connection => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, %peer, "connection ended with an error");
-                        }
-                    }
-                    () = hard_stop.cancelled() => {}
-                }
-            });
+            self.tracker.spawn(serve_connection(
+                connection,
+                first,
+                self.drain.clone(),
+                self.hard_stop.clone(),
+                self.first_request_grace,
+                peer,
+            ));
         }
+    }
+}
+
+/// Serves one connection until it ends, the drain closes it after its current request,
+/// or the hard stop cuts it off.
+///
+/// hyper's graceful shutdown closes a connection on which it has read nothing yet, which
+/// includes one accepted just before the drain whose request is still in the socket
+/// buffer: that client would see its connection closed for a request it already sent
+/// (tests/systemd.rs, restart with passed sockets). So, as Go's `net/http` does, such a
+/// connection gets up to `grace` (the header read timeout) to start its first request
+/// before the graceful close.
+async fn serve_connection<C>(
+    connection: C,
+    first: CancellationToken,
+    drain: CancellationToken,
+    hard_stop: CancellationToken,
+    grace: Duration,
+    peer: std::net::SocketAddr,
+) where
+    C: GracefulConnection,
+{
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        () = hard_stop.cancelled() => None,
+        () = async {
+            drain.cancelled().await;
+            let _ = tokio::time::timeout(grace, first.cancelled()).await;
+        } => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = connection.as_mut() => Some(result),
+                () = hard_stop.cancelled() => None,
+            }
+        }
+    };
+    if let Some(Err(e)) = result {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
+}
+
+/// A served connection that can be told to finish its current request and close (hyper's
+/// `http1::Connection`, whose service type cannot be named here).
+trait GracefulConnection: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulConnection for http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        http1::Connection::graceful_shutdown(self);
     }
 }

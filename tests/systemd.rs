@@ -10,58 +10,139 @@
 
 mod common;
 
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{client, config_for, mock, with_test_storage};
+use command_fds::{CommandFdExt, FdMapping};
+use common::{chat_body, client, config_for, mock_with, with_test_storage};
+use llm_gateway::mock::MockBehavior;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::net::UnixDatagram;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
 
-/// The gateway binary on a free port with a datagram socket as its `NOTIFY_SOCKET`.
-struct Notified {
-    child: std::process::Child,
+/// What systemd provides a service: a `NOTIFY_SOCKET` (a datagram socket read by the
+/// test), a state directory, a config file, and a mock upstream behind it.
+struct Manager {
     sock: UnixDatagram,
-    port: u16,
+    sock_path: PathBuf,
+    config: PathBuf,
     _dir: tempfile::TempDir,
     _up: llm_gateway::mock::MockUpstream,
 }
 
-impl Notified {
-    async fn start(env: &[(&str, &str)]) -> Self {
-        let up = mock().await;
+impl Manager {
+    async fn new() -> Self {
+        let up = mock_with(MockBehavior {
+            chunks: 5,
+            chunk_interval: Duration::from_millis(100),
+            ..MockBehavior::default()
+        })
+        .await;
         let dir = tempfile::tempdir().unwrap();
         let sock_path = dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&sock_path).unwrap();
-        let config_path = dir.path().join("gw.toml");
+        let config = dir.path().join("gw.toml");
         std::fs::write(
-            &config_path,
+            &config,
             with_test_storage(&config_for(&[&up], ""), &dir.path().join("state")),
         )
         .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(BIN)
-            .args(["serve", "--config", config_path.to_str().unwrap()])
-            .env("LLM_GATEWAY__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("NOTIFY_SOCKET", &sock_path)
+        Self {
+            sock,
+            sock_path,
+            config,
+            _dir: dir,
+            _up: up,
+        }
+    }
+
+    /// Starts the gateway on a free port it binds itself.
+    fn start(&self, env: &[(&str, &str)]) -> Service {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config", self.config.to_str().unwrap()])
+            .env("LLM_GATEWAY__SERVER__LISTEN", &listen);
+        self.spawn(cmd, env, port)
+    }
+
+    /// Starts the gateway the way systemd socket activation does: the sockets at
+    /// descriptors 3, 4, ..., `LISTEN_FDS`, `LISTEN_FDNAMES`, and `LISTEN_PID` set to the
+    /// gateway's own pid (`sh` sets it to its `$$`, then `exec`s the gateway, which keeps
+    /// the pid). `server.listen` is a port the test holds: binding it would fail.
+    fn start_activated(
+        &self,
+        sockets: &[(&std::net::TcpListener, &str)],
+        blocked: &std::net::TcpListener,
+    ) -> Service {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "export LISTEN_PID=$$; exec \"$0\" \"$@\"",
+            BIN,
+            "serve",
+            "--config",
+            self.config.to_str().unwrap(),
+        ])
+        .env(
+            "LLM_GATEWAY__SERVER__LISTEN",
+            blocked.local_addr().unwrap().to_string(),
+        )
+        .env("LISTEN_FDS", sockets.len().to_string())
+        .env(
+            "LISTEN_FDNAMES",
+            sockets
+                .iter()
+                .map(|(_, n)| *n)
+                .collect::<Vec<_>>()
+                .join(":"),
+        );
+        let mappings = sockets
+            .iter()
+            .enumerate()
+            .map(|(i, (l, _))| FdMapping {
+                parent_fd: OwnedFd::from(l.try_clone().unwrap()),
+                child_fd: 3 + i as i32,
+            })
+            .collect();
+        cmd.fd_mappings(mappings).unwrap();
+        let port = sockets[0].0.local_addr().unwrap().port();
+        self.spawn(cmd, &[], port)
+    }
+
+    fn spawn(&self, mut cmd: Command, env: &[(&str, &str)], port: u16) -> Service {
+        let child = cmd
+            .env("NOTIFY_SOCKET", &self.sock_path)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        Self {
-            child,
-            sock,
-            port,
-            _dir: dir,
-            _up: up,
-        }
+        Service { child, port }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One gateway process.
+struct Service {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Service {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
     }
 
     /// SIGTERM, then the exit status.
@@ -73,7 +154,7 @@ impl Notified {
 
 /// Kills the gateway if a test fails before it stopped it (an orphan would hold the test
 /// harness's output pipe open).
-impl Drop for Notified {
+impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -104,17 +185,14 @@ async fn until(sock: &UnixDatagram, what: &str) -> (String, Vec<String>) {
 
 #[tokio::test]
 async fn ready_after_bind_watchdog_at_half_the_interval_and_stopping_at_sigterm() {
-    let mut g = Notified::start(&[("WATCHDOG_USEC", "200000")]).await;
+    let m = Manager::new().await;
+    let mut g = m.start(&[("WATCHDOG_USEC", "200000")]);
 
-    let (ready, before) = until(&g.sock, "READY=1").await;
+    let (ready, before) = until(&m.sock, "READY=1").await;
     assert!(before.is_empty(), "nothing before READY: {before:?}");
     assert!(ready.contains("STATUS=serving 1 models"), "{ready}");
     // READY means the listener is bound: the first request after it is answered.
-    let r = client()
-        .get(format!("http://127.0.0.1:{}/health", g.port))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(g.url("/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 
     // WATCHDOG_USEC = 200 ms: a ping every 100 ms. The median gap between pings is
@@ -122,8 +200,8 @@ async fn ready_after_bind_watchdog_at_half_the_interval_and_stopping_at_sigterm(
     // interval would give ~200 ms.
     let mut at = Vec::new();
     while at.len() < 8 {
-        let m = next(&g.sock, Duration::from_secs(5)).await;
-        if m.lines().any(|l| l == "WATCHDOG=1") {
+        let msg = next(&m.sock, Duration::from_secs(5)).await;
+        if msg.lines().any(|l| l == "WATCHDOG=1") {
             at.push(Instant::now());
         }
     }
@@ -138,28 +216,121 @@ async fn ready_after_bind_watchdog_at_half_the_interval_and_stopping_at_sigterm(
     // The socket keeps what was sent until it is read.
     let status = g.terminate();
     assert!(status.success(), "{status}");
-    let (stopping, _) = until(&g.sock, "STOPPING=1").await;
+    let (stopping, _) = until(&m.sock, "STOPPING=1").await;
     assert!(stopping.contains("STATUS=draining"), "{stopping}");
 }
 
 #[tokio::test]
 async fn nothing_is_sent_when_the_watchdog_is_meant_for_another_process() {
-    let mut g = Notified::start(&[("WATCHDOG_USEC", "100000"), ("WATCHDOG_PID", "1")]).await;
-    until(&g.sock, "READY=1").await;
+    let m = Manager::new().await;
+    let mut g = m.start(&[("WATCHDOG_USEC", "100000"), ("WATCHDOG_PID", "1")]);
+    until(&m.sock, "READY=1").await;
     // Over ten would-be watchdog intervals, no ping arrives (status refreshes are 5 s apart).
     let deadline = Instant::now() + Duration::from_millis(1000);
     let mut buf = vec![0u8; 4096];
     while let Ok(Ok(n)) = tokio::time::timeout(
         deadline.saturating_duration_since(Instant::now()),
-        g.sock.recv(&mut buf),
+        m.sock.recv(&mut buf),
     )
     .await
     {
-        let m = String::from_utf8_lossy(&buf[..n]);
+        let msg = String::from_utf8_lossy(&buf[..n]);
         assert!(
-            !m.lines().any(|l| l == "WATCHDOG=1"),
+            !msg.lines().any(|l| l == "WATCHDOG=1"),
             "ping for another process's watchdog"
         );
     }
     assert!(g.terminate().success());
+}
+
+#[tokio::test]
+async fn passed_sockets_are_served_by_name_and_server_listen_is_not_bound() {
+    let m = Manager::new().await;
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let blocked = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Metrics first: the names decide, not the order.
+    let mut g = m.start_activated(&[(&metrics, "metrics"), (&api, "api")], &blocked);
+    until(&m.sock, "READY=1").await;
+    let api_port = api.local_addr().unwrap().port();
+    let metrics_port = metrics.local_addr().unwrap().port();
+    assert_eq!(g.port, metrics_port);
+    let get = |port: u16, path: &'static str| async move {
+        client()
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(get(api_port, "/health").await.status(), 200);
+    // The API socket does not serve /metrics when a metrics socket was passed.
+    assert_eq!(get(api_port, "/metrics").await.status(), 404);
+    let text = get(metrics_port, "/metrics").await.text().await.unwrap();
+    assert!(text.contains("llm_gateway_build_info"), "{text}");
+    assert!(g.terminate().success());
+}
+
+// Multi-threaded: the mock upstream must keep answering while a test thread waits for the
+// first gateway to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_passed_sockets_refuses_no_connection() {
+    let m = Manager::new().await;
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let blocked = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/v1/chat/completions",
+        api.local_addr().unwrap().port()
+    );
+    let mut first = m.start_activated(&[(&api, "api")], &blocked);
+    until(&m.sock, "READY=1").await;
+
+    // Four clients open a new connection per request, without pause, across the restart.
+    let ok = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (ok, stop, url) = (ok.clone(), stop.clone(), url.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .no_proxy()
+                    .pool_max_idle_per_host(0)
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .unwrap();
+                let mut failures = Vec::new();
+                while !stop.is_cancelled() {
+                    match http.post(&url).json(&chat_body(false)).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(r) => failures.push(format!("status {}", r.status())),
+                        Err(e) => failures.push(format!("{e:?}")),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let served = || ok.load(std::sync::atomic::Ordering::Relaxed);
+    common::wait_for(
+        "requests before the restart",
+        Duration::from_secs(20),
+        || served() >= 10,
+    )
+    .await;
+    assert!(tokio::task::block_in_place(|| first.terminate()).success());
+    let before = served();
+    // Between the two processes, new connections wait in the socket's backlog.
+    let _second = m.start_activated(&[(&api, "api")], &blocked);
+    common::wait_for(
+        "requests after the restart",
+        Duration::from_secs(20),
+        || served() >= before + 10,
+    )
+    .await;
+    stop.cancel();
+    for c in clients {
+        let failures = c.await.unwrap();
+        assert!(failures.is_empty(), "failed requests: {failures:?}");
+    }
 }
