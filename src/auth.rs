@@ -214,10 +214,11 @@ impl KeyTable {
 pub async fn refresh(
     state: Arc<crate::state::AppState>,
     store: crate::store::Store,
-    interval: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
+        // Read each round: a reload may change it.
+        let interval = state.current().config.auth.refresh_interval;
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(interval) => {}

@@ -69,7 +69,7 @@ impl ConfigError {
 }
 
 /// The whole gateway configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listener, limits and shutdown behaviour.
@@ -105,7 +105,7 @@ pub struct Config {
 }
 
 /// `[server]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address of the API listener.
@@ -154,7 +154,7 @@ impl Default for ServerConfig {
 }
 
 /// `[upstream]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Backends tried per request (first try included) before giving up.
@@ -186,7 +186,7 @@ impl Default for UpstreamConfig {
 }
 
 /// `[health_check]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckConfig {
     /// Probe backends in the background.
@@ -219,7 +219,7 @@ impl Default for HealthCheckConfig {
 }
 
 /// `[circuit_breaker]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     /// Consecutive failed requests that eject a backend.
@@ -250,7 +250,7 @@ pub enum LogFormat {
 }
 
 /// `[logging]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     /// `tracing` filter directive, e.g. `info` or `info,llm_gateway=debug`; `RUST_LOG` wins.
@@ -269,7 +269,7 @@ impl Default for LoggingConfig {
 }
 
 /// `[storage]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Directory for the SQLite database and the ledger spool. Unset: `$STATE_DIRECTORY`
@@ -332,7 +332,7 @@ pub enum AuthMode {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// `keys` (default) or `open`.
@@ -365,7 +365,7 @@ pub enum SpoolFullPolicy {
 }
 
 /// `[ledger]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
     /// Largest size of unshipped records kept in the spool.
@@ -399,7 +399,7 @@ impl Default for LedgerConfig {
 }
 
 /// `[[backends]]`: one inference server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// Unique name, used in metrics, logs and `/health`.
@@ -450,7 +450,7 @@ fn default_stream_idle_timeout() -> Duration {
 }
 
 /// `[[models]]`: a public model name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// Name clients put in `model`.
@@ -460,7 +460,7 @@ pub struct ModelConfig {
 }
 
 /// `[[models.routes]]`: one backend for a model.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Name of a `[[backends]]` entry.

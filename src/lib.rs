@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod registry;
 pub mod relay;
+pub mod reload;
 pub mod routes;
 pub mod secret;
 pub mod server;
@@ -28,4 +29,4 @@ pub mod upstream;
 pub mod usage;
 
 pub use config::Config;
-pub use server::{Listeners, ServeError, serve};
+pub use server::{Listeners, ServeError, serve, serve_with_reload};

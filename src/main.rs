@@ -7,8 +7,10 @@ use anyhow::Context;
 use clap::Parser;
 use llm_gateway::cli::{Cli, Command};
 use llm_gateway::mock::{MockBehavior, MockState};
-use llm_gateway::{Config, Listeners, activation, admin, serve, telemetry};
+use llm_gateway::reload::{LoadConfig, Reload};
+use llm_gateway::{Config, Listeners, activation, admin, serve_with_reload, telemetry};
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc::error::TrySendError;
 
 /// mimalloc: the proxy path allocates many small, short-lived buffers; the system
 /// allocator spent about 16 % of the instructions per request on them (docs/benchmarks.md).
@@ -21,7 +23,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Serve { config } => load(&config).and_then(|c| {
             telemetry::init(&c.logging);
-            run_serve(c)
+            run_serve(c, config)
         }),
         Command::Demo { listen } => run_demo(listen),
         Command::Migrate { config } => admin(&config, |c| async move { admin::migrate(&c).await }),
@@ -93,7 +95,7 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn run_serve(config: Config) -> anyhow::Result<()> {
+fn run_serve(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     // Before the runtime starts any thread: this edits the environment.
     let passed = activation::take()?;
     runtime(config.server.worker_threads)?.block_on(async {
@@ -105,31 +107,59 @@ fn run_serve(config: Config) -> anyhow::Result<()> {
                 .await
                 .context("cannot bind listener")?,
         };
-        serve_until_signalled(config, listeners).await
+        let load: LoadConfig = std::sync::Arc::new(move || Config::load(Some(&path)));
+        serve_until_signalled(config, listeners, Some(load)).await
     })
 }
 
-/// Serves until SIGTERM/SIGINT, then drains; a second signal exits at once.
-async fn serve_until_signalled(config: Config, listeners: Listeners) -> anyhow::Result<()> {
+/// Serves until SIGTERM/SIGINT, then drains; a second signal exits at once. SIGHUP
+/// reloads the configuration through `load` (without one, SIGHUP is ignored).
+async fn serve_until_signalled(
+    config: Config,
+    listeners: Listeners,
+    load: Option<LoadConfig>,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = serve(config, listeners, async {
-        let _ = stop_rx.await;
+    // One pending request is enough: signals during a reload lead to one more reload.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let reload = load.map(|load| Reload {
+        requests: reload_rx,
+        load,
+        set_log_level: None,
     });
+    let server = serve_with_reload(
+        config,
+        listeners,
+        async {
+            let _ = stop_rx.await;
+        },
+        reload,
+    );
     tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return Ok(result?),
-        () = next_signal(&mut term, &mut int) => {
-            tracing::info!("signal received: draining (send it again to exit at once)");
-            let _ = stop_tx.send(());
+    loop {
+        tokio::select! {
+            result = &mut server => return Ok(result?),
+            () = next_signal(&mut term, &mut int) => break,
+            _ = hup.recv() => {
+                if let Err(TrySendError::Closed(())) = reload_tx.try_send(()) {
+                    tracing::warn!("SIGHUP ignored: no configuration file to reload");
+                }
+            }
         }
     }
-    tokio::select! {
-        result = &mut server => Ok(result?),
-        () = next_signal(&mut term, &mut int) => {
-            tracing::warn!("second signal: exiting without waiting");
-            std::process::exit(1);
+    tracing::info!("signal received: draining (send it again to exit at once)");
+    let _ = stop_tx.send(());
+    loop {
+        tokio::select! {
+            result = &mut server => return Ok(result?),
+            () = next_signal(&mut term, &mut int) => {
+                tracing::warn!("second signal: exiting without waiting");
+                std::process::exit(1);
+            }
+            _ = hup.recv() => tracing::warn!("SIGHUP ignored: shutting down"),
         }
     }
 }
@@ -173,7 +203,7 @@ fn run_demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
             },
         );
         let gateway = async {
-            let result = serve_until_signalled(config, listeners).await;
+            let result = serve_until_signalled(config, listeners, None).await;
             let _ = mock_stop_tx.send(());
             result
         };

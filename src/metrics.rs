@@ -69,6 +69,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -96,6 +101,8 @@ pub struct Metrics {
     rate_limited: Family<ReasonLabels, Counter>,
     /// Failed reloads of the key table from the database.
     pub key_refresh_failures: Counter,
+    config_reloads: Family<ResultLabels, Counter>,
+    config_last_reload_ok: Gauge,
     /// Usage ledger counters and gauges.
     pub ledger: LedgerMetrics,
     none: Label,
@@ -216,6 +223,22 @@ impl Metrics {
             "Failed reloads of the API key table from the database (the last table stays in use)",
             key_refresh_failures.clone(),
         );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        for result in ["success", "failure"] {
+            drop(config_reloads.get_or_create(&ResultLabels { result }));
+        }
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by result; a failed one leaves the previous configuration in effect",
+            config_reloads.clone(),
+        );
+        let config_last_reload_ok = Gauge::default();
+        config_last_reload_ok.set(1);
+        registry.register(
+            "config_last_reload_successful",
+            "1 when the last configuration reload succeeded (or none was attempted), 0 when it failed",
+            config_last_reload_ok.clone(),
+        );
         let ledger = LedgerMetrics::default();
         registry.register(
             "ledger_records_spooled",
@@ -273,6 +296,8 @@ impl Metrics {
             auth_failures,
             rate_limited,
             key_refresh_failures,
+            config_reloads,
+            config_last_reload_ok,
             ledger,
             none: Label(Arc::from(NONE)),
         }
@@ -333,6 +358,30 @@ impl Metrics {
         self.rate_limited
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Counts a configuration reload and records whether it worked.
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.config_last_reload_ok.set(i64::from(ok));
+    }
+
+    /// Drops the gauges of backends a reload removed.
+    pub fn forget_backend(&self, name: &Arc<str>) {
+        let labels = BackendLabels {
+            backend: Label(Arc::clone(name)),
+        };
+        self.backend_up.remove(&labels);
+        self.backend_ejected.remove(&labels);
+        self.backend_in_flight.remove(&labels);
+    }
+
+    /// Proxied requests in flight now.
+    pub fn in_flight_requests(&self) -> i64 {
+        self.in_flight.get()
     }
 
     /// A proxied request started; the guard ends it.

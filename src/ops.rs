@@ -19,8 +19,9 @@ use crate::upstream::breaker::BreakerState;
 /// `GET /health`: cached state only, never waits on a backend.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let now = Instant::now();
+    let current = state.current();
     let mut degraded = state.is_draining();
-    let backends: Vec<_> = state
+    let backends: Vec<_> = current
         .backends
         .iter()
         .map(|b| {
@@ -44,7 +45,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let database = json!({
         "engine": state.db_engine,
         "state": if db_up { "up" } else { "down" },
-        "auth": match state.auth_mode { AuthMode::Keys => "keys", AuthMode::Open => "open" },
+        "auth": match current.config.auth.mode { AuthMode::Keys => "keys", AuthMode::Open => "open" },
         "keys": state.keys.len(),
         "keys_loaded_ms_ago": (keys_loaded > 0).then(|| (now_ms() - keys_loaded).max(0)),
         "live_instances": state.live_instances(),
@@ -59,6 +60,10 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         "draining": state.is_draining(),
         "backends": backends,
         "database": database,
+        "config": {
+            "hash": &current.config_hash,
+            "last_reload": state.reload_note().map(|note| note.to_string()),
+        },
     }))
     .into_response()
 }
@@ -68,7 +73,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let now = Instant::now();
     let reason = if state.is_draining() {
         Some("draining")
-    } else if !state.backends.iter().any(|b| b.is_usable(now)) {
+    } else if !state.current().backends.iter().any(|b| b.is_usable(now)) {
         Some("no usable backend")
     } else if !state.ledger.accepting() {
         // A database outage alone does not make an instance unready (requests are spooled);
@@ -100,7 +105,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(&state.backends),
+        state.metrics.render(&state.current().backends),
     )
         .into_response()
 }
@@ -112,6 +117,7 @@ fn model_object(state: &AppState, id: &str) -> serde_json::Value {
 /// `GET /v1/models`: the configured public model names.
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Response {
     let data: Vec<_> = state
+        .current()
         .model_order
         .iter()
         .map(|m| model_object(&state, m))
@@ -121,7 +127,7 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /v1/models/{model}`
 pub async fn get_model(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Response {
-    match state.models.get(&model) {
+    match state.current().models.get(&model) {
         Some(m) => Json(model_object(&state, &m.name)).into_response(),
         None => ApiError::ModelNotFound(model).into_response(),
     }

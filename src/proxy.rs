@@ -24,7 +24,7 @@ use crate::metrics::{InFlight, RequestSample};
 use crate::ratelimit::{LimitKind, Limiter, Snapshot};
 use crate::relay::{Relay, StreamSummary};
 use crate::sse::SseScanner;
-use crate::state::{AppState, Model};
+use crate::state::{AppState, Configured, Model};
 use crate::store::now_ms;
 use crate::store::usage::UsageRecord;
 use crate::telemetry::{REQUEST_ID_HEADER, RequestId};
@@ -280,7 +280,9 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         reservation: None,
         limits: None,
     };
-    if state.auth_mode == AuthMode::Keys {
+    // This request keeps the configuration it started with, whatever a reload does.
+    let current = state.current();
+    if current.config.auth.mode == AuthMode::Keys {
         match state
             .keys
             .authenticate(request.headers().get(header::AUTHORIZATION))
@@ -296,7 +298,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         return fail(&mut record, ApiError::LedgerFull);
     }
     record.ledgered = true;
-    let Ok(permit) = Arc::clone(&state.limiter).try_acquire_owned() else {
+    let Ok(permit) = Arc::clone(&current.limiter).try_acquire_owned() else {
         return fail(&mut record, ApiError::Overloaded);
     };
     let guards = Guards {
@@ -307,7 +309,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         reply,
         strip_usage,
         prompt_bytes,
-    } = match proxy(&state, endpoint, request, &mut record).await {
+    } = match proxy(&state, &current, endpoint, request, &mut record).await {
         Ok(proxied) => proxied,
         Err(error) => return fail(&mut record, error),
     };
@@ -409,12 +411,14 @@ fn fail(record: &mut Record, error: ApiError) -> Response {
 /// Validates the request and runs the attempts.
 async fn proxy(
     state: &AppState,
+    current: &Configured,
     endpoint: Endpoint,
     request: Request,
     record: &mut Record,
 ) -> Result<Proxied, ApiError> {
     let request_id = record.request_id.clone();
-    let raw = read_body(request, state.max_body_bytes, state.body_read_timeout).await?;
+    let server = &current.config.server;
+    let raw = read_body(request, server.max_body_bytes, server.body_read_timeout).await?;
     let head = Head::parse(&raw)?;
     let model_name = match head.model {
         None => return Err(ApiError::missing("model")),
@@ -458,7 +462,7 @@ async fn proxy(
         Endpoint::Completions => head.prompt,
         Endpoint::Embeddings => head.input,
     })?;
-    let model: &Model = state
+    let model: &Model = current
         .models
         .get(&model_name)
         .ok_or_else(|| ApiError::ModelNotFound(model_name.clone()))?;
@@ -489,13 +493,14 @@ async fn proxy(
         }
     }
 
-    let strip_usage = stream && state.upstream.request_stream_usage && !client_usage;
+    let upstream = &current.config.upstream;
+    let strip_usage = stream && upstream.request_stream_usage && !client_usage;
     let prompt_bytes = raw.len();
 
     let mut tried = Vec::with_capacity(model.routes.len());
     let mut last_error: Option<ApiError> = None;
-    let budget_end = record.started + state.upstream.retry_budget;
-    for n in 0..state.upstream.max_attempts {
+    let budget_end = record.started + upstream.retry_budget;
+    for n in 0..upstream.max_attempts {
         if n > 0 && Instant::now() >= budget_end {
             break;
         }

@@ -51,13 +51,14 @@ pub async fn register(store: &Store, id: &str, config: &Config) -> Result<(), St
 pub async fn heartbeat(
     state: Arc<AppState>,
     store: Store,
-    config_hash: String,
     interval: Duration,
     stop: CancellationToken,
 ) {
     let stale_ms = i64::try_from((interval * MISSED_BEATS).as_millis()).unwrap_or(i64::MAX);
     loop {
         let result = async {
+            // The hash of the configuration in effect, which a reload may have changed.
+            let config_hash = state.current().config_hash.clone();
             store.heartbeat(&state.instance_id, &config_hash).await?;
             store.live_instances(now_ms() - stale_ms).await
         }

@@ -20,6 +20,7 @@ use crate::config::{Config, ConfigError};
 use crate::ledger::Ledger;
 use crate::ledger::spool::SpoolError;
 use crate::metrics::Metrics;
+use crate::reload::{self, Reload};
 use crate::stall::WriteStallGuard;
 use crate::state::{AppState, Storage};
 use crate::store::{Store, StoreError};
@@ -120,10 +121,20 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_with_reload(config, listeners, shutdown, None).await
+}
+
+/// `serve`, reloading the configuration whenever `reload` asks for it.
+pub async fn serve_with_reload(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    reload: Option<Reload>,
+) -> Result<(), ServeError> {
     // A missing secret must stop the start before anything is created or migrated.
     let secrets = config.resolve_secrets()?;
     let (store, storage) = open_storage(&config).await?;
-    let state = Arc::new(AppState::new(&config, secrets, storage)?);
+    let state = Arc::new(AppState::new(config.clone(), secrets, storage)?);
     // Connections and background tasks are tracked apart: every connection (and with it
     // every request's ledger record) must be gone before the shipper's last flush.
     let tracker = TaskTracker::new();
@@ -138,26 +149,28 @@ pub async fn serve(
     tracker.spawn(auth::refresh(
         Arc::clone(&state),
         store.clone(),
-        config.auth.refresh_interval,
         stop_accepting.clone(),
     ));
     tracker.spawn(registry::heartbeat(
         Arc::clone(&state),
         store.clone(),
-        registry::config_hash(&config),
         config.storage.heartbeat_interval,
         stop_accepting.clone(),
     ));
-    let hard_stop = CancellationToken::new();
-    let drain = CancellationToken::new();
-
-    if config.health_check.enabled && !state.backends.is_empty() {
-        tracker.spawn(upstream::prober::run(
-            state.backends.clone(),
-            config.health_check.clone(),
+    tracker.spawn(upstream::prober::run(
+        Arc::clone(&state),
+        stop_accepting.clone(),
+    ));
+    if let Some(reload) = reload {
+        tracker.spawn(reload::run(
+            Arc::clone(&state),
+            reload,
+            config.clone(),
             stop_accepting.clone(),
         ));
     }
+    let hard_stop = CancellationToken::new();
+    let drain = CancellationToken::new();
 
     // HTTP/1.1 only: protocol detection (for cleartext HTTP/2) reads the first bytes with no
     // timeout, so a client that connects and sends nothing would be held forever. hyper's
@@ -178,7 +191,8 @@ pub async fn serve(
 
     let api = routes::api(Arc::clone(&state), listeners.metrics.is_none());
     if let Ok(addr) = listeners.api.local_addr() {
-        tracing::info!(%addr, models = state.models.len(), backends = state.backends.len(), "listening");
+        let current = state.current();
+        tracing::info!(%addr, models = current.models.len(), backends = current.backends.len(), "listening");
     }
     let accept_api = conn.accept_loop(listeners.api, api);
     // Listeners are bound (by the caller), the configuration is valid and the database is
@@ -207,16 +221,19 @@ pub async fn serve(
     }
     // Listeners are dropped here: new connection attempts are refused from now on.
     state.start_draining();
-    systemd::stopping(state.backends.iter().map(|b| b.in_flight()).sum());
+    let in_flight = state.metrics.in_flight_requests();
+    systemd::stopping(in_flight);
     stop_accepting.cancel();
+    // The deadline in effect now: a reload may have changed it.
+    let shutdown_timeout = state.current().config.server.shutdown_timeout;
     tracing::info!(
-        timeout = ?config.server.shutdown_timeout,
-        in_flight = state.backends.iter().map(|b| b.in_flight()).sum::<usize>(),
+        timeout = ?shutdown_timeout,
+        in_flight,
         "shutting down: finishing in-flight requests"
     );
     drain.cancel();
     connections.close();
-    let drained = tokio::time::timeout(config.server.shutdown_timeout, connections.wait()).await;
+    let drained = tokio::time::timeout(shutdown_timeout, connections.wait()).await;
     if drained.is_err() {
         tracing::warn!("shutdown timeout reached: closing remaining connections");
         hard_stop.cancel();

@@ -1,4 +1,5 @@
-//! systemd integration: the notify protocol (READY, STATUS, STOPPING) and the watchdog.
+//! systemd integration: the notify protocol (READY, STATUS, RELOADING, STOPPING) and the
+//! watchdog.
 //! Everything here does nothing when the service manager did not ask for it
 //! (`NOTIFY_SOCKET`, `WATCHDOG_USEC` unset).
 
@@ -22,7 +23,8 @@ fn send(states: &[NotifyState<'_>]) {
 
 /// One line for `systemctl status`: backends, database and ledger state.
 pub fn status_line(state: &AppState) -> String {
-    let healthy = state
+    let current = state.current();
+    let healthy = current
         .backends
         .iter()
         .filter(|b| b.health() != Health::Unhealthy)
@@ -32,10 +34,14 @@ pub fn status_line(state: &AppState) -> String {
     } else {
         "DOWN (usage is spooled)"
     };
+    let reload = state
+        .reload_note()
+        .map(|note| format!("; {note}"))
+        .unwrap_or_default();
     format!(
-        "serving {} models; backends healthy {healthy}/{}; database {} {db}; spool {} bytes",
-        state.models.len(),
-        state.backends.len(),
+        "serving {} models; backends healthy {healthy}/{}; database {} {db}; spool {} bytes{reload}",
+        current.models.len(),
+        current.backends.len(),
         state.db_engine,
         state.ledger.spool_bytes()
     )
@@ -48,8 +54,17 @@ pub fn ready(state: &AppState) {
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
+/// Tells the service manager a reload has begun (`Type=notify-reload` needs the
+/// monotonic time with it); `ready` ends it, whether the reload worked or not.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(e) => tracing::warn!(error = %e, "cannot read the monotonic clock for RELOADING=1"),
+    }
+}
+
 /// Tells the service manager the gateway is shutting down.
-pub fn stopping(in_flight: usize) {
+pub fn stopping(in_flight: i64) {
     let status = format!("draining: {in_flight} requests in flight");
     send(&[NotifyState::Stopping, NotifyState::Status(&status)]);
 }

@@ -30,6 +30,8 @@ struct Manager {
     sock: UnixDatagram,
     sock_path: PathBuf,
     config: PathBuf,
+    /// The config file's first content.
+    toml: String,
     _dir: tempfile::TempDir,
     _up: llm_gateway::mock::MockUpstream,
 }
@@ -37,7 +39,7 @@ struct Manager {
 impl Manager {
     async fn new() -> Self {
         let up = mock_with(MockBehavior {
-            chunks: 5,
+            chunks: 10,
             chunk_interval: Duration::from_millis(100),
             ..MockBehavior::default()
         })
@@ -46,15 +48,13 @@ impl Manager {
         let sock_path = dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&sock_path).unwrap();
         let config = dir.path().join("gw.toml");
-        std::fs::write(
-            &config,
-            with_test_storage(&config_for(&[&up], ""), &dir.path().join("state")),
-        )
-        .unwrap();
+        let toml = with_test_storage(&config_for(&[&up], ""), &dir.path().join("state"));
+        std::fs::write(&config, &toml).unwrap();
         Self {
             sock,
             sock_path,
             config,
+            toml,
             _dir: dir,
             _up: up,
         }
@@ -143,6 +143,10 @@ struct Service {
 impl Service {
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
 
     /// SIGTERM, then the exit status.
@@ -333,4 +337,208 @@ async fn a_restart_with_passed_sockets_refuses_no_connection() {
         let failures = c.await.unwrap();
         assert!(failures.is_empty(), "failed requests: {failures:?}");
     }
+}
+
+/// A streamed chat completion that has sent its first chunk.
+async fn open_stream(g: &Service) -> reqwest::Response {
+    let mut r = client()
+        .post(g.url("/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.chunk().await.unwrap().is_some());
+    r
+}
+
+/// Reads the rest of a stream; fails unless it ends with `[DONE]`.
+async fn finish_stream(mut r: reqwest::Response) {
+    let mut rest = Vec::new();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
+}
+
+/// One keep-alive HTTP/1.1 connection, to show a reload leaves it open.
+struct KeepAlive(tokio::net::TcpStream);
+
+impl KeepAlive {
+    async fn open(g: &Service) -> Self {
+        Self(
+            tokio::net::TcpStream::connect(("127.0.0.1", g.port))
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// GETs `path` on this connection; returns the body.
+    async fn get(&mut self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = format!("GET {path} HTTP/1.1\r\nhost: gw\r\n\r\n");
+        self.0.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = self.0.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                if buf.len() >= end + 4 + length {
+                    return text[end + 4..end + 4 + length].to_owned();
+                }
+            }
+        }
+    }
+}
+
+async fn model_ids(g: &Service) -> Vec<String> {
+    let v: serde_json::Value = client()
+        .get(g.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn metrics_of(g: &Service) -> String {
+    client()
+        .get(g.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sighup_swaps_the_configuration_without_dropping_a_stream_or_a_connection() {
+    let m = Manager::new().await;
+    let g = m.start(&[]);
+    until(&m.sock, "READY=1").await;
+    let mut conn = KeepAlive::open(&g).await;
+    assert!(conn.get("/v1/models").await.contains("\"id\":\"m\""));
+    let stream = open_stream(&g).await;
+
+    // Model "m" becomes "m2"; one key that only applies at start changes too.
+    let renamed = m.toml.replace("name = \"m\"", "name = \"m2\"");
+    std::fs::write(
+        &m.config,
+        format!("[server]\nheader_read_timeout = \"7s\"\n{renamed}"),
+    )
+    .unwrap();
+    g.signal(Signal::SIGHUP);
+    let (reloading, _) = until(&m.sock, "RELOADING=1").await;
+    let usec = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC with RELOADING=1");
+    assert!(usec.parse::<u64>().unwrap() > 0, "{reloading}");
+    let (ready, _) = until(&m.sock, "READY=1").await;
+    assert!(
+        ready.contains("restart to apply server.header_read_timeout"),
+        "{ready}"
+    );
+    assert!(!ready.contains("FAILED"), "{ready}");
+
+    // The new configuration is in effect for new requests...
+    assert_eq!(model_ids(&g).await, ["m2"]);
+    let old = client()
+        .post(g.url("/v1/chat/completions"))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 404);
+    // ...the open connection still answers, now from it...
+    assert!(conn.get("/v1/models").await.contains("\"id\":\"m2\""));
+    // ...and the stream that started before finishes on the old one.
+    finish_stream(stream).await;
+    let text = metrics_of(&g).await;
+    assert_eq!(
+        common::metric(
+            &text,
+            "llm_gateway_config_reloads_total{result=\"success\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
+    let m = Manager::new().await;
+    let g = m.start(&[]);
+    until(&m.sock, "READY=1").await;
+    let stream = open_stream(&g).await;
+
+    std::fs::write(
+        &m.config,
+        format!("[upstream]\nmax_attempts = \"three\"\n{}", m.toml),
+    )
+    .unwrap();
+    g.signal(Signal::SIGHUP);
+    until(&m.sock, "RELOADING=1").await;
+    let (ready, _) = until(&m.sock, "READY=1").await;
+    assert!(ready.contains("RELOAD FAILED"), "{ready}");
+    assert!(ready.contains("upstream.max_attempts"), "{ready}");
+
+    assert_eq!(model_ids(&g).await, ["m"]);
+    finish_stream(stream).await;
+    let text = metrics_of(&g).await;
+    let value = |series: &str| common::metric(&text, series);
+    assert_eq!(
+        value("llm_gateway_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("llm_gateway_config_last_reload_successful"),
+        Some(0.0)
+    );
+    let health: serde_json::Value = client()
+        .get(g.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let note = health["config"]["last_reload"].as_str().unwrap();
+    assert!(note.contains("upstream.max_attempts"), "{note}");
+
+    // Fixed: the next reload applies and clears the failure.
+    std::fs::write(&m.config, m.toml.replace("name = \"m\"", "name = \"m2\"")).unwrap();
+    g.signal(Signal::SIGHUP);
+    until(&m.sock, "RELOADING=1").await;
+    let (ready, _) = until(&m.sock, "READY=1").await;
+    assert!(!ready.contains("RELOAD"), "{ready}");
+    assert_eq!(model_ids(&g).await, ["m2"]);
+    let text = metrics_of(&g).await;
+    assert_eq!(
+        common::metric(&text, "llm_gateway_config_last_reload_successful"),
+        Some(1.0)
+    );
 }

@@ -84,6 +84,18 @@ pub struct Backend {
     in_flight: AtomicUsize,
     health: AtomicU8,
     probe: Mutex<ProbeInfo>,
+    /// What it was built from, so that a reload can keep it when nothing changed.
+    origin: Origin,
+}
+
+/// Everything a backend is built from.
+#[derive(Debug, PartialEq)]
+struct Origin {
+    cfg: BackendConfig,
+    api_key: Option<Secret>,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
+    breaker: BreakerConfig,
 }
 
 impl Backend {
@@ -112,6 +124,13 @@ impl Backend {
                     .map(|u| (*p, u))
             })
             .collect();
+        let origin = Origin {
+            cfg: cfg.clone(),
+            api_key: api_key.clone(),
+            pool_idle_timeout: upstream.pool_idle_timeout,
+            pool_max_idle_per_host: upstream.pool_max_idle_per_host,
+            breaker: breaker.clone(),
+        };
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
             base_url,
@@ -129,7 +148,29 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             health: AtomicU8::new(0),
             probe: Mutex::new(ProbeInfo::default()),
+            origin,
         })
+    }
+
+    /// Whether this backend was built from exactly these settings and secret.
+    pub fn built_from(
+        &self,
+        cfg: &BackendConfig,
+        api_key: Option<&Secret>,
+        upstream: &UpstreamConfig,
+        breaker: &BreakerConfig,
+    ) -> bool {
+        let o = &self.origin;
+        o.cfg == *cfg
+            && o.api_key.as_ref() == api_key
+            && o.pool_idle_timeout == upstream.pool_idle_timeout
+            && o.pool_max_idle_per_host == upstream.pool_max_idle_per_host
+            && o.breaker == *breaker
+    }
+
+    /// Back to `Unknown` health (probing was turned off).
+    pub fn forget_health(&self) {
+        self.health.store(0, Ordering::Relaxed);
     }
 
     /// Full URL of `path` (which starts with `/`) on this backend.

@@ -8,32 +8,46 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HealthCheckConfig;
 
 use super::Backend;
+use crate::state::AppState;
 
-/// Probes all backends every `interval` until `cancel` fires. The request path only reads
-/// the cached result, so a slow backend never slows a request down.
-pub async fn run(backends: Vec<Arc<Backend>>, cfg: HealthCheckConfig, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(cfg.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Probes the backends of the configuration in effect every `health_check.interval` until
+/// `cancel` fires; a reload changes what is probed and how from the next round on. The
+/// request path only reads the cached result, so a slow backend never slows a request.
+pub async fn run(state: Arc<AppState>, cancel: CancellationToken) {
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let probes = backends.iter().map(|b| async {
-            let result = probe(b, &cfg).await;
-            if let Err(e) = &result
-                && b.health() != super::Health::Unhealthy
-            {
-                tracing::warn!(backend = %b.name, error = %e, "health probe failed");
+        let current = state.current();
+        let cfg = &current.config.health_check;
+        if cfg.enabled {
+            let probes = current.backends.iter().map(|b| async {
+                let result = probe(b, cfg).await;
+                if let Err(e) = &result
+                    && b.health() != super::Health::Unhealthy
+                {
+                    tracing::warn!(backend = %b.name, error = %e, "health probe failed");
+                }
+                b.record_probe(result, cfg.healthy_threshold, cfg.unhealthy_threshold);
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = join_all(probes) => {}
             }
-            b.record_probe(result, cfg.healthy_threshold, cfg.unhealthy_threshold);
-        });
+        }
+        // Disabled: look again after a while, in case a reload turned probing on.
+        let pause = if cfg.enabled {
+            cfg.interval
+        } else {
+            IDLE_RECHECK
+        };
+        drop(current);
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = join_all(probes) => {}
+            () = tokio::time::sleep(pause) => {}
         }
     }
 }
+
+/// How often a disabled prober checks whether a reload enabled it.
+const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn probe(backend: &Backend, cfg: &HealthCheckConfig) -> Result<(), String> {
     let mut request = backend
