@@ -302,7 +302,11 @@ mod tests {
         // A new secret is a new backend too.
         let file = std::env::temp_dir().join(format!("lgw-state-test-{}", std::process::id()));
         std::fs::write(&file, "k").unwrap();
-        let secret = Some(crate::secret::SecretRef::File(file.clone()).resolve().unwrap());
+        let secret = Some(
+            crate::secret::SecretRef::File(file.clone())
+                .resolve()
+                .unwrap(),
+        );
         std::fs::remove_file(&file).unwrap();
         let keyed = Configured::build(config(1, 10), vec![None, secret], Some(&first)).unwrap();
         assert!(!Arc::ptr_eq(&first.backends[1], &keyed.backends[1]));

@@ -542,3 +542,53 @@ async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_notify_drains_streams_refuses_new_connections_and_keeps_the_ledger() {
+    let m = Manager::new().await;
+    let mut g = m.start(&[]);
+    until(&m.sock, "READY=1").await;
+    // A connection with no request yet, accepted before the streams' connections.
+    let mut quiet = KeepAlive::open(&g).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(open_stream(&g).await);
+    }
+
+    g.signal(Signal::SIGTERM);
+    let (stopping, _) = until(&m.sock, "STOPPING=1").await;
+    assert!(
+        stopping.contains("STATUS=draining: 3 requests in flight"),
+        "{stopping}"
+    );
+    // The listener is closed before STOPPING=1 is sent.
+    let refused = tokio::net::TcpStream::connect(("127.0.0.1", g.port)).await;
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // The quiet connection still gets its first request answered: not ready, draining.
+    let ready = quiet.get("/ready").await;
+    assert!(ready.contains("draining"), "{ready}");
+    for s in streams {
+        finish_stream(s).await;
+    }
+    let status = tokio::task::block_in_place(|| g.child.wait().unwrap());
+    assert_eq!(status.code(), Some(0));
+
+    // Every request is in the ledger after the exit (the drain flushed the spool).
+    let out = Command::new(BIN)
+        .args(["usage", "--by", "model", "--since", "1h", "--config"])
+        .arg(&m.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let requests: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("m "))
+        .unwrap_or_else(|| panic!("no row for model m: {text}"))
+        .split_whitespace()
+        .collect();
+    // MODEL REQUESTS ...: the three streams (/ready is not a proxied request).
+    assert_eq!(requests[1], "3", "{text}");
+}
