@@ -14,6 +14,8 @@ done
 deadnix --fail "${files[@]}"
 nixfmt --check "${files[@]}"
 bash nix/render-dist.sh --check
+# The VM scenario (tests/vm/scenario.py) at least compiles.
+python3 -c "import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])" tests/vm/scenario.py
 
 # systemd-analyze verify resolves every unit and command the files name, so it runs
 # against a scratch root holding the host's units, kill(1) and a stand-in binary.

@@ -107,7 +107,6 @@ let
 
   unit = clean {
     Description = "llm-gateway: OpenAI-compatible gateway to self-hosted LLM servers";
-    Documentation = "https://github.com/llm-gateway/llm-gateway";
     After = [ "network-online.target" ] ++ map socketUnit socketNames ++ after;
     Wants = [ "network-online.target" ] ++ wants;
     Requires = map socketUnit socketNames ++ requires;
