@@ -57,7 +57,8 @@ let
     ) cfg.settings.server;
     storage = cfg.settings.storage or { };
     ledger = cfg.settings.ledger or { };
-    format = cfg.settings.logging.format;
+    inherit (cfg.settings.logging) format;
+    output = cfg.settings.logging.output or "auto";
   };
 
   credentials =

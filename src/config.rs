@@ -249,14 +249,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where log events go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogOutput {
+    /// journald when stderr is connected to it (`JOURNAL_STREAM` matches), else stderr.
+    #[default]
+    Auto,
+    /// Lines on stderr (`format`).
+    Stderr,
+    /// journald's native protocol, with structured fields.
+    Journald,
+}
+
 /// `[logging]`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     /// `tracing` filter directive, e.g. `info` or `info,llm_gateway=debug`; `RUST_LOG` wins.
     pub level: String,
-    /// `text` or `json`.
+    /// `text` or `json`, for stderr.
     pub format: LogFormat,
+    /// `auto`, `stderr` or `journald`.
+    pub output: LogOutput,
 }
 
 impl Default for LoggingConfig {
@@ -264,6 +279,7 @@ impl Default for LoggingConfig {
         Self {
             level: "info".to_owned(),
             format: LogFormat::Text,
+            output: LogOutput::Auto,
         }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use llm_gateway::cli::{Cli, Command};
 use llm_gateway::mock::{MockBehavior, MockState};
-use llm_gateway::reload::{LoadConfig, Reload};
+use llm_gateway::reload::{LoadConfig, Reload, SetLogLevel};
 use llm_gateway::{Config, Listeners, activation, admin, serve_with_reload, telemetry};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc::error::TrySendError;
@@ -22,8 +22,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Serve { config } => load(&config).and_then(|c| {
-            telemetry::init(&c.logging);
-            run_serve(c, config)
+            let log = telemetry::init(&c.logging);
+            run_serve(c, config, log)
         }),
         Command::Demo { listen } => run_demo(listen),
         Command::Migrate { config } => admin(&config, |c| async move { admin::migrate(&c).await }),
@@ -95,7 +95,11 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn run_serve(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
+fn run_serve(
+    config: Config,
+    path: std::path::PathBuf,
+    log: telemetry::LogControl,
+) -> anyhow::Result<()> {
     // Before the runtime starts any thread: this edits the environment.
     let passed = activation::take()?;
     runtime(config.server.worker_threads)?.block_on(async {
@@ -108,16 +112,18 @@ fn run_serve(config: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
                 .context("cannot bind listener")?,
         };
         let load: LoadConfig = std::sync::Arc::new(move || Config::load(Some(&path)));
-        serve_until_signalled(config, listeners, Some(load)).await
+        let set_log_level: SetLogLevel = Box::new(move |level: &str| log.set_level(level));
+        serve_until_signalled(config, listeners, Some((load, set_log_level))).await
     })
 }
 
 /// Serves until SIGTERM/SIGINT, then drains; a second signal exits at once. SIGHUP
-/// reloads the configuration through `load` (without one, SIGHUP is ignored).
+/// reloads the configuration from `reload`'s source and applies its log level (without
+/// one, SIGHUP is ignored).
 async fn serve_until_signalled(
     config: Config,
     listeners: Listeners,
-    load: Option<LoadConfig>,
+    reload: Option<(LoadConfig, SetLogLevel)>,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -125,10 +131,10 @@ async fn serve_until_signalled(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // One pending request is enough: signals during a reload lead to one more reload.
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-    let reload = load.map(|load| Reload {
+    let reload = reload.map(|(load, set_log_level)| Reload {
         requests: reload_rx,
         load,
-        set_log_level: None,
+        set_log_level: Some(set_log_level),
     });
     let server = serve_with_reload(
         config,
@@ -180,7 +186,7 @@ fn run_demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
         let state_dir =
             std::env::temp_dir().join(format!("llm-gateway-demo-{}", std::process::id()));
         let config = Config::demo(listen, mock_addr, &state_dir)?;
-        telemetry::init(&config.logging);
+        let _log = telemetry::init(&config.logging);
         let key = admin::demo_key(&config).await?;
         let listeners = Listeners::bind(&config)
             .await

@@ -74,6 +74,10 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
             "logging.format",
             running.logging.format != new.logging.format,
         ),
+        (
+            "logging.output",
+            running.logging.output != new.logging.output,
+        ),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))

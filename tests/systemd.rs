@@ -114,14 +114,19 @@ impl Manager {
         self.spawn(cmd, &[], port)
     }
 
+    /// `env` entries with an empty value are removed from the environment.
     fn spawn(&self, mut cmd: Command, env: &[(&str, &str)], port: u16) -> Service {
-        let child = cmd
-            .env("NOTIFY_SOCKET", &self.sock_path)
+        cmd.env("NOTIFY_SOCKET", &self.sock_path)
             .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::null());
+        for (k, v) in env {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let child = cmd.spawn().unwrap();
         Service { child, port }
     }
 }
@@ -591,4 +596,166 @@ async fn sigterm_under_notify_drains_streams_refuses_new_connections_and_keeps_t
         .collect();
     // MODEL REQUESTS ...: the three streams (/ready is not a proxied request).
     assert_eq!(requests[1], "3", "{text}");
+}
+
+/// Starts the gateway in a mount namespace where `/run/systemd/journal` is `journal_dir`
+/// (so a socket the test binds there is "journald"), with stderr on a pipe whose device
+/// and inode are in `JOURNAL_STREAM`, the way systemd starts a service with
+/// `StandardError=journal`. Returns the service and the pipe's read end.
+fn start_journaled(
+    m: &Manager,
+    journal_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Service, std::io::PipeReader) {
+    use std::os::unix::fs::MetadataExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    let meta = std::fs::File::from(OwnedFd::from(writer.try_clone().unwrap()))
+        .metadata()
+        .unwrap();
+    let port = free_port();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "-rm",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /run/systemd && mkdir /run/systemd/journal && \
+         mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+        journal_dir.to_str().unwrap(),
+        BIN,
+        "serve",
+        "--config",
+        m.config.to_str().unwrap(),
+    ])
+    .env("LLM_GATEWAY__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+    .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+    .stderr(writer);
+    (m.spawn(cmd, env, port), reader)
+}
+
+/// Parses one journald native-protocol datagram: `NAME=value\n`, or `NAME\n`, a 64-bit
+/// little-endian length, the value and `\n`.
+fn journal_fields(mut d: &[u8]) -> std::collections::HashMap<String, String> {
+    let mut fields = std::collections::HashMap::new();
+    while !d.is_empty() {
+        let end = d.iter().position(|&b| b == b'\n' || b == b'=').unwrap();
+        let name = String::from_utf8_lossy(&d[..end]).into_owned();
+        let value;
+        if d[end] == b'=' {
+            let nl = d[end..].iter().position(|&b| b == b'\n').unwrap() + end;
+            value = d[end + 1..nl].to_vec();
+            d = &d[nl + 1..];
+        } else {
+            let len = u64::from_le_bytes(d[end + 1..end + 9].try_into().unwrap()) as usize;
+            value = d[end + 9..end + 9 + len].to_vec();
+            d = &d[end + 9 + len + 1..];
+        }
+        fields.insert(name, String::from_utf8_lossy(&value).into_owned());
+    }
+    fields
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_stderr_on_the_journal_events_go_to_journald_with_structured_fields() {
+    let m = Manager::new().await;
+    let journal_dir = tempfile::tempdir().unwrap();
+    let journal = UnixDatagram::bind(journal_dir.path().join("socket")).unwrap();
+    let (mut g, mut stderr) = start_journaled(&m, journal_dir.path(), &[("RUST_LOG", "info")]);
+    until(&m.sock, "READY=1").await;
+    let r = client()
+        .post(g.url("/v1/chat/completions"))
+        .header("x-request-id", "journal-test-1")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let mut buf = vec![0u8; 65536];
+    let access = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), journal.recv(&mut buf))
+            .await
+            .expect("the access event reaches journald")
+            .unwrap();
+        let fields = journal_fields(&buf[..n]);
+        if fields.get("MESSAGE").map(String::as_str) == Some("request finished") {
+            break fields;
+        }
+    };
+    let field = |k: &str| access.get(k).map(String::as_str);
+    assert_eq!(
+        field("SYSLOG_IDENTIFIER"),
+        Some("llm-gateway"),
+        "{access:?}"
+    );
+    assert_eq!(field("REQUEST_ID"), Some("journal-test-1"), "{access:?}");
+    assert_eq!(field("MODEL"), Some("m"));
+    assert_eq!(field("BACKEND"), Some("b0"));
+    assert_eq!(field("STATUS"), Some("200"));
+    assert!(field("LATENCY_MS").unwrap().parse::<f64>().unwrap() > 0.0);
+    // Not also written to stderr.
+    assert!(tokio::task::block_in_place(|| g.terminate()).success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(!rest.contains("request finished"), "{rest}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_journald_socket_logs_go_to_stderr_with_a_warning() {
+    let m = Manager::new().await;
+    let empty = tempfile::tempdir().unwrap();
+    let (mut g, mut stderr) = start_journaled(
+        &m,
+        empty.path(),
+        &[("LLM_GATEWAY__LOGGING__OUTPUT", "journald")],
+    );
+    until(&m.sock, "READY=1").await;
+    let r = client().get(g.url("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(tokio::task::block_in_place(|| g.terminate()).success());
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+    assert!(
+        text.contains("cannot write to journald; logging to stderr instead"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_log_level() {
+    let m = Manager::new().await;
+    std::fs::write(
+        &m.config,
+        format!("[logging]\nlevel = \"warn\"\n{}", m.toml),
+    )
+    .unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let (mut g, mut stderr) = start_journaled(
+        &m,
+        empty.path(),
+        &[("RUST_LOG", ""), ("LLM_GATEWAY__LOGGING__OUTPUT", "stderr")],
+    );
+    until(&m.sock, "READY=1").await;
+    let send = |id: &'static str| {
+        client()
+            .post(g.url("/v1/chat/completions"))
+            .header("x-request-id", id)
+            .json(&chat_body(false))
+            .send()
+    };
+    assert_eq!(send("logged-at-warn").await.unwrap().status(), 200);
+    std::fs::write(
+        &m.config,
+        format!("[logging]\nlevel = \"info\"\n{}", m.toml),
+    )
+    .unwrap();
+    g.signal(Signal::SIGHUP);
+    until(&m.sock, "RELOADING=1").await;
+    let (ready, _) = until(&m.sock, "READY=1").await;
+    assert!(!ready.contains("RELOAD"), "{ready}");
+    assert_eq!(send("logged-at-info").await.unwrap().status(), 200);
+    assert!(tokio::task::block_in_place(|| g.terminate()).success());
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+    assert!(!text.contains("logged-at-warn"), "{text}");
+    assert!(text.contains("logged-at-info"), "{text}");
 }
