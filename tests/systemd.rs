@@ -598,13 +598,14 @@ async fn sigterm_under_notify_drains_streams_refuses_new_connections_and_keeps_t
     assert_eq!(requests[1], "3", "{text}");
 }
 
-/// Starts the gateway in a mount namespace where `/run/systemd/journal` is `journal_dir`
-/// (so a socket the test binds there is "journald"), with stderr on a pipe whose device
-/// and inode are in `JOURNAL_STREAM`, the way systemd starts a service with
-/// `StandardError=journal`. Returns the service and the pipe's read end.
+/// Starts the gateway with stderr on a pipe whose device and inode are in
+/// `JOURNAL_STREAM`, the way systemd starts a service with `StandardError=journal`.
+/// With `journal_dir`, it runs in a mount namespace (`unshare`) where
+/// `/run/systemd/journal` is that directory, so a socket the test binds there is
+/// "journald". Returns the service and the pipe's read end.
 fn start_journaled(
     m: &Manager,
-    journal_dir: &std::path::Path,
+    journal_dir: Option<&std::path::Path>,
     env: &[(&str, &str)],
 ) -> (Service, std::io::PipeReader) {
     use std::os::unix::fs::MetadataExt;
@@ -613,22 +614,26 @@ fn start_journaled(
         .metadata()
         .unwrap();
     let port = free_port();
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "-rm",
-        "sh",
-        "-c",
-        "mount -t tmpfs none /run/systemd && mkdir /run/systemd/journal && \
-         mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
-        journal_dir.to_str().unwrap(),
-        BIN,
-        "serve",
-        "--config",
-        m.config.to_str().unwrap(),
-    ])
-    .env("LLM_GATEWAY__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-    .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
-    .stderr(writer);
+    let mut cmd = match journal_dir {
+        Some(dir) => {
+            let mut cmd = Command::new("unshare");
+            cmd.args([
+                "-rm",
+                "sh",
+                "-c",
+                "mount -t tmpfs none /run/systemd && mkdir /run/systemd/journal && \
+                 mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+                dir.to_str().unwrap(),
+                BIN,
+            ]);
+            cmd
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(["serve", "--config", m.config.to_str().unwrap()])
+        .env("LLM_GATEWAY__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(writer);
     (m.spawn(cmd, env, port), reader)
 }
 
@@ -659,7 +664,8 @@ async fn with_stderr_on_the_journal_events_go_to_journald_with_structured_fields
     let m = Manager::new().await;
     let journal_dir = tempfile::tempdir().unwrap();
     let journal = UnixDatagram::bind(journal_dir.path().join("socket")).unwrap();
-    let (mut g, mut stderr) = start_journaled(&m, journal_dir.path(), &[("RUST_LOG", "info")]);
+    let (mut g, mut stderr) =
+        start_journaled(&m, Some(journal_dir.path()), &[("RUST_LOG", "info")]);
     until(&m.sock, "READY=1").await;
     let r = client()
         .post(g.url("/v1/chat/completions"))
@@ -705,7 +711,7 @@ async fn without_a_journald_socket_logs_go_to_stderr_with_a_warning() {
     let empty = tempfile::tempdir().unwrap();
     let (mut g, mut stderr) = start_journaled(
         &m,
-        empty.path(),
+        Some(empty.path()),
         &[("LLM_GATEWAY__LOGGING__OUTPUT", "journald")],
     );
     until(&m.sock, "READY=1").await;
@@ -728,10 +734,9 @@ async fn a_reload_changes_the_log_level() {
         format!("[logging]\nlevel = \"warn\"\n{}", m.toml),
     )
     .unwrap();
-    let empty = tempfile::tempdir().unwrap();
     let (mut g, mut stderr) = start_journaled(
         &m,
-        empty.path(),
+        None,
         &[("RUST_LOG", ""), ("LLM_GATEWAY__LOGGING__OUTPUT", "stderr")],
     );
     until(&m.sock, "READY=1").await;
