@@ -25,7 +25,7 @@ in
   package = built.package;
 
   clippy = craneLib.cargoClippy (
-    craneArgs // { cargoClippyExtraArgs = "--all-targets --locked -- --deny warnings"; }
+    craneArgs // { cargoClippyExtraArgs = "--all-targets -- --deny warnings"; }
   );
 
   fmt = craneLib.cargoFmt { inherit (built) src; };

@@ -29,6 +29,9 @@ let
 
   localPostgres = cfg.database.type == "postgresql" && cfg.database.createLocally;
 
+  # Anything under the store, not only a store path itself (lib.isStorePath).
+  inStore = p: lib.hasPrefix "${builtins.storeDir}/" (toString p);
+
   # TOML has no null: unset optional keys are left out.
   settingsFile = toml.generate "llm-gateway.toml" (
     lib.filterAttrsRecursive (_: v: v != null) cfg.settings
@@ -98,8 +101,13 @@ let
     logNamespace = if cfg.journal.namespace.enable then cfg.journal.namespace.name else null;
   };
 
+  # A wildcard listener is scraped over loopback.
+  localHost = if cfg.host == "0.0.0.0" || cfg.host == "::" then "127.0.0.1" else cfg.host;
   metricsTarget =
-    if cfg.settings.server.metrics_listen != null then cfg.settings.server.metrics_listen else listen;
+    if cfg.settings.server.metrics_listen != null then
+      cfg.settings.server.metrics_listen
+    else
+      hostPort localHost cfg.port;
 in
 {
   options.services.llm-gateway = {
@@ -230,7 +238,7 @@ in
     };
 
     environmentFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.str;
       default = null;
       example = "/run/secrets/llm-gateway.env";
       description = "`EnvironmentFile=` with `LLM_GATEWAY__SECTION__KEY=value` overrides.";
@@ -398,8 +406,10 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
-        assertion = lib.all (p: !lib.isStorePath p) (lib.attrValues credentials);
-        message = "services.llm-gateway.credentials / database.passwordFile: a secret must not be a Nix store path (the store is world-readable).";
+        assertion = lib.all (p: !inStore p) (
+          lib.attrValues credentials ++ lib.optional (cfg.environmentFile != null) cfg.environmentFile
+        );
+        message = "services.llm-gateway.credentials / database.passwordFile / environmentFile: a secret must not be in the Nix store (it is world-readable).";
       }
       {
         assertion =
@@ -427,7 +437,7 @@ in
     environment.etc."llm-gateway/llm-gateway.toml".source = configFile;
 
     systemd.services.llm-gateway = {
-      inherit (units.unit) description;
+      description = units.unit.Description;
       after = units.unit.After;
       wants = units.unit.Wants;
       requires = units.unit.Requires or [ ];

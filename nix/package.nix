@@ -52,6 +52,7 @@ let
 in
 {
   inherit
+    craneLib
     src
     commonArgs
     cargoArtifacts

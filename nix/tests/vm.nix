@@ -18,6 +18,7 @@ let
         host = "0.0.0.0";
         openFirewall = true;
         watchdogSec = "5s";
+        socketActivation.enable = true;
         database.type = "postgresql";
         settings = {
           backends = [
@@ -82,6 +83,7 @@ pkgs.testers.runNixOSTest {
   testScript = ''
     import importlib.util
     spec = importlib.util.spec_from_file_location("scenario", "${../../tests/vm/scenario.py}")
+    assert spec is not None and spec.loader is not None
     scenario = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scenario)
 
