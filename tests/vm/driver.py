@@ -3,8 +3,10 @@ uses, for a Debian VM under QEMU (TCG) reached over ssh, and a `subtest` that co
 passes and failures instead of stopping at the first one."""
 
 import contextlib
+import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ class Machine:
         self.cpus = cpus
         self.proc = None
         self.boots = 0
+        self.qmp = os.path.join(work, "qmp.sock")
 
     # -- power ---------------------------------------------------------------------
 
@@ -45,6 +48,7 @@ class Machine:
             "-drive", f"file={os.path.join(self.work, 'disk.img')},format=raw,if=virtio",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
             "-device", "virtio-net-pci,netdev=n0",
+            "-qmp", f"unix:{self.qmp},server=on,wait=off",
         ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         started = time.monotonic()
@@ -62,8 +66,21 @@ class Machine:
         raise RuntimeError("the VM did not boot (no ssh within 600 s)")
 
     def crash(self):
-        """Hard power-off: QEMU is killed, the disk keeps what reached it."""
-        if self.proc is not None:
+        """Hard power-off through the QEMU monitor (QMP `quit`: the guest gets no
+        warning; the disk keeps what reached it). Kills QEMU if the monitor fails."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(10)
+                s.connect(self.qmp)
+                s.recv(4096)  # greeting
+                for command in ("qmp_capabilities", "quit"):
+                    s.sendall(json.dumps({"execute": command}).encode() + b"\n")
+                    s.recv(4096)
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"[vm] QMP quit failed ({e}); killing QEMU", file=sys.stderr)
             self.proc.kill()
             self.proc.wait()
 

@@ -114,6 +114,7 @@ def run(gw, subtest, switch_setting, prometheus=None, threshold="1.5"):
 
     with subtest("reload with a stream open: the stream completes, the change is live"):
         restarts, pid = prop(gw, "NRestarts"), prop(gw, "MainPID")
+        gw.succeed("rm -f /tmp/stream.out /tmp/stream.rc")
         gw.succeed(
             f"(curl -sS -N {API}/v1/chat/completions -H 'content-type: application/json' "
             f"-H 'authorization: Bearer {key}' "
@@ -133,7 +134,7 @@ def run(gw, subtest, switch_setting, prometheus=None, threshold="1.5"):
         # Clients connect without pause while the service restarts; the socket stays with
         # systemd, so connections wait in its backlog for the new process.
         gw.succeed(
-            "rm -f /tmp/codes; (for i in $(seq 1 150); do curl -s -o /dev/null "
+            "rm -f /tmp/codes /tmp/codes.done; (for i in $(seq 1 150); do curl -s -o /dev/null "
             f"-w '%{{http_code}}\\n' {API}/health >> /tmp/codes; done; touch /tmp/codes.done)"
             " >/dev/null 2>&1 &"
         )
