@@ -147,8 +147,13 @@ pub fn init(logging: &LoggingConfig) -> LogControl {
         (None, None)
     };
     let stderr = journald.is_none();
-    let text = (stderr && logging.format == LogFormat::Text)
-        .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    // Colours only for a terminal: not in files, pipes or the journal (the fallback).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let text = (stderr && logging.format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+    });
     let json = (stderr && logging.format == LogFormat::Json).then(|| {
         tracing_subscriber::fmt::layer()
             .json()
