@@ -763,5 +763,8 @@ async fn a_reload_changes_the_log_level() {
     std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
     assert!(!text.contains("logged-at-warn"), "{text}");
     assert!(text.contains("logged-at-info"), "{text}");
-    assert!(!text.contains('\x1b'), "no colour codes off a terminal: {text}");
+    assert!(
+        !text.contains('\x1b'),
+        "no colour codes off a terminal: {text}"
+    );
 }
