@@ -23,8 +23,10 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway with a configuration file. Stops on SIGTERM/SIGINT after in-flight
-    /// requests finish (up to server.shutdown_timeout); a second signal exits at once.
+    /// Run the gateway with a configuration file. SIGHUP reloads it (an invalid file keeps
+    /// the running one). Stops on SIGTERM/SIGINT after in-flight requests finish (up to
+    /// server.shutdown_timeout); a second signal exits at once. Sockets passed by systemd
+    /// (LISTEN_FDS) are used instead of server.listen.
     Serve {
         /// Configuration file (TOML).
         #[arg(long, short, env = "LLM_GATEWAY_CONFIG")]

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
-use common::{chat_body, client, config_for, mock_with, with_test_storage};
+use common::{chat_body, client, config_for, get_json, get_text, mock_with, with_test_storage};
 use llm_gateway::mock::MockBehavior;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -412,31 +412,13 @@ impl KeepAlive {
 }
 
 async fn model_ids(g: &Service) -> Vec<String> {
-    let v: serde_json::Value = client()
-        .get(g.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(g.url("/v1/models")).await;
     v["data"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| m["id"].as_str().unwrap().to_owned())
         .collect()
-}
-
-async fn metrics_of(g: &Service) -> String {
-    client()
-        .get(g.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -482,7 +464,7 @@ async fn sighup_swaps_the_configuration_without_dropping_a_stream_or_a_connectio
     assert!(conn.get("/v1/models").await.contains("\"id\":\"m2\""));
     // ...and the stream that started before finishes on the old one.
     finish_stream(stream).await;
-    let text = metrics_of(&g).await;
+    let text = get_text(g.url("/metrics")).await;
     assert_eq!(
         common::metric(
             &text,
@@ -513,7 +495,7 @@ async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
 
     assert_eq!(model_ids(&g).await, ["m"]);
     finish_stream(stream).await;
-    let text = metrics_of(&g).await;
+    let text = get_text(g.url("/metrics")).await;
     let value = |series: &str| common::metric(&text, series);
     assert_eq!(
         value("llm_gateway_config_reloads_total{result=\"failure\"}"),
@@ -523,14 +505,7 @@ async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
         value("llm_gateway_config_last_reload_successful"),
         Some(0.0)
     );
-    let health: serde_json::Value = client()
-        .get(g.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = get_json(g.url("/health")).await;
     let note = health["config"]["last_reload"].as_str().unwrap();
     assert!(note.contains("upstream.max_attempts"), "{note}");
 
@@ -541,7 +516,7 @@ async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
     let (ready, _) = until(&m.sock, "READY=1").await;
     assert!(!ready.contains("RELOAD"), "{ready}");
     assert_eq!(model_ids(&g).await, ["m2"]);
-    let text = metrics_of(&g).await;
+    let text = get_text(g.url("/metrics")).await;
     assert_eq!(
         common::metric(&text, "llm_gateway_config_last_reload_successful"),
         Some(1.0)

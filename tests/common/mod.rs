@@ -232,10 +232,10 @@ pub async fn chat(gw: &Gateway, stream: bool) -> reqwest::Response {
         .unwrap()
 }
 
-/// `GET /health` as JSON.
-pub async fn health(gw: &Gateway) -> serde_json::Value {
+/// `GET url` as JSON.
+pub async fn get_json(url: String) -> serde_json::Value {
     client()
-        .get(gw.url("/health"))
+        .get(url)
         .send()
         .await
         .unwrap()
@@ -244,14 +244,24 @@ pub async fn health(gw: &Gateway) -> serde_json::Value {
         .unwrap()
 }
 
-/// `GET /metrics` as text.
-pub async fn metrics_text(gw: &Gateway) -> String {
+/// `GET url` as text.
+pub async fn get_text(url: String) -> String {
     client()
-        .get(gw.url("/metrics"))
+        .get(url)
         .send()
         .await
         .unwrap()
         .text()
         .await
         .unwrap()
+}
+
+/// `GET /health` as JSON.
+pub async fn health(gw: &Gateway) -> serde_json::Value {
+    get_json(gw.url("/health")).await
+}
+
+/// `GET /metrics` as text.
+pub async fn metrics_text(gw: &Gateway) -> String {
+    get_text(gw.url("/metrics")).await
 }
