@@ -52,6 +52,10 @@ pub enum ApiError {
     Overloaded,
     #[error("The gateway cannot record usage right now (its ledger spool is full); retry shortly.")]
     LedgerFull,
+    #[error(
+        "The gateway cannot record usage right now (its ledger spool cannot be written); retry shortly."
+    )]
+    LedgerUnavailable,
     #[error("The gateway is shutting down; retry on another instance.")]
     Draining,
     #[error("No healthy backend is available for model `{0}`; retry shortly.")]
@@ -105,6 +109,7 @@ impl ApiError {
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::LedgerFull
+            | Self::LedgerUnavailable
             | Self::Overloaded
             | Self::Draining
             | Self::NoHealthyBackend(_)
@@ -131,6 +136,7 @@ impl ApiError {
             Self::RateLimited(_) => "rate_limited",
             Self::Overloaded => "overloaded",
             Self::LedgerFull => "ledger_full",
+            Self::LedgerUnavailable => "ledger_unavailable",
             Self::Draining => "draining",
             Self::NoHealthyBackend(_) => "no_healthy_backend",
             Self::BackendsSaturated(_) => "backends_saturated",
@@ -180,6 +186,7 @@ impl ApiError {
         match self {
             Self::Overloaded
             | Self::LedgerFull
+            | Self::LedgerUnavailable
             | Self::Draining
             | Self::NoHealthyBackend(_)
             | Self::BackendsSaturated(_) => Some(HeaderValue::from_static("1")),

@@ -257,7 +257,7 @@ impl Metrics {
         );
         registry.register(
             "ledger_records_dropped",
-            "Usage records lost: spool full with on_full = \"drop\", the spool unwritable, or a record unreadable",
+            "Usage records lost: the spool full or unwritable with on_full = \"drop\", held records at exit, a record refused by the database (set aside in rejected.jsonl), or one unreadable",
             ledger.dropped.clone(),
         );
         registry.register(
@@ -267,7 +267,7 @@ impl Metrics {
         );
         registry.register(
             "ledger_spool_bytes",
-            "Bytes in usage spool files not yet deleted (unshipped records; a drained spool is emptied at each commit)",
+            "Bytes in usage spool files not yet deleted: unshipped records, plus shipped ones in segment files not yet rolled and deleted (up to 1 MiB, or ledger.segment_bytes if smaller)",
             ledger.spool_bytes.clone(),
         );
         registry.register(

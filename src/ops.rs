@@ -52,6 +52,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         "ledger_spool_bytes": state.ledger.spool_bytes(),
         "ledger_lag_ms": state.ledger.lag_ms(),
         "ledger_accepting": state.ledger.accepting(),
+        "ledger_spool_writable": state.ledger.spool_writable(),
+        "ledger_held_records": state.ledger.held_records(),
     });
     Json(json!({
         "status": if degraded { "degraded" } else { "ok" },
@@ -75,10 +77,10 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         Some("draining")
     } else if !state.current().backends.iter().any(|b| b.is_usable(now)) {
         Some("no usable backend")
-    } else if !state.ledger.accepting() {
+    } else if let Err(refusal) = state.ledger.admission() {
         // A database outage alone does not make an instance unready (requests are spooled);
-        // only a full spool with on_full = "reject" does.
-        Some("usage spool full")
+        // only a spool that cannot take records with on_full = "reject" does.
+        Some(refusal.reason())
     } else {
         None
     };

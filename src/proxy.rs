@@ -20,6 +20,7 @@ use crate::config::AuthMode;
 use crate::error::{
     ApiError, rate_limit_headers, sanitize_upstream_error, upstream_status_is_clients,
 };
+use crate::ledger::Refusal;
 use crate::metrics::{InFlight, RequestSample};
 use crate::ratelimit::{LimitKind, Limiter, Snapshot};
 use crate::relay::{Relay, StreamSummary};
@@ -294,8 +295,10 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             }
         }
     }
-    if !state.ledger.accepting() {
-        return fail(&mut record, ApiError::LedgerFull);
+    match state.ledger.admission() {
+        Ok(()) => {}
+        Err(Refusal::Full) => return fail(&mut record, ApiError::LedgerFull),
+        Err(Refusal::Unwritable) => return fail(&mut record, ApiError::LedgerUnavailable),
     }
     record.ledgered = true;
     let Ok(permit) = Arc::clone(&current.limiter).try_acquire_owned() else {

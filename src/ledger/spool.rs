@@ -80,6 +80,9 @@ pub struct Position {
 pub struct Batch {
     /// Payloads of complete, checksum-valid records.
     pub records: Vec<Vec<u8>>,
+    /// Position just after each record in `records` (same index): committing `ends[i]`
+    /// marks records `0..=i` as handled.
+    pub ends: Vec<Position>,
     /// Position after the last record (and after any skipped corrupt bytes or drained
     /// segments): commit it once the records are stored, even if `records` is empty.
     pub end: Position,
@@ -255,10 +258,9 @@ impl Spool {
         let written = (&*w.file).write(&frame);
         let n = match written {
             Ok(n) => n,
-            Err(e) => {
-                w.broken = true;
-                return Err(io_err("write", &segment_path(&self.config.dir, w.id))(e));
-            }
+            // A failed write(2) wrote nothing: the segment is intact and stays active, so a
+            // full or failing disk does not make every later attempt create a new file.
+            Err(e) => return Err(io_err("write", &segment_path(&self.config.dir, w.id))(e)),
         };
         // Short write: the bytes are on disk (accounted) but never published; the segment
         // is sealed at the next append and readers skip the torn frame.
@@ -284,6 +286,7 @@ impl Spool {
     ) -> Result<Batch, SpoolError> {
         let mut pos = from.unwrap_or_else(|| *lock(&self.committed));
         let mut records = Vec::with_capacity(max_records.min(4096));
+        let mut ends = Vec::with_capacity(max_records.min(4096));
         let mut payload_bytes = 0;
         while records.len() < max_records && payload_bytes < MAX_BATCH_BYTES {
             let (active, active_len) = self.published();
@@ -312,6 +315,7 @@ impl Spool {
                     pos,
                     max_records,
                     &mut records,
+                    &mut ends,
                     &mut payload_bytes,
                 )
                 .map_err(io_err("read", &path))?;
@@ -321,7 +325,11 @@ impl Spool {
             }
             pos = self.next_segment(pos.segment, active);
         }
-        Ok(Batch { records, end: pos })
+        Ok(Batch {
+            records,
+            ends,
+            end: pos,
+        })
     }
 
     /// Persists `pos` as the committed cursor (temp file + rename in `dir`), then deletes
@@ -470,6 +478,7 @@ impl Spool {
         start: Position,
         max_records: usize,
         out: &mut Vec<Vec<u8>>,
+        ends: &mut Vec<Position>,
         out_bytes: &mut usize,
     ) -> io::Result<(u64, bool)> {
         let mut at = start.offset;
@@ -478,6 +487,10 @@ impl Spool {
                 Frame::Record(payload, next) => {
                     *out_bytes += payload.len();
                     out.push(payload);
+                    ends.push(Position {
+                        segment: start.segment,
+                        offset: next,
+                    });
                     at = next;
                 }
                 Frame::End => return Ok((at, true)),

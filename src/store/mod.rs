@@ -1,9 +1,12 @@
 //! Database access: one `Store` over SQLite (embedded default) or PostgreSQL, with embedded
 //! migrations. Queries are written once, PostgreSQL-style (`$1`), and adapted for SQLite.
 
+pub mod error;
 pub mod instances;
 pub mod keys;
 pub mod usage;
+
+pub use error::StoreError;
 
 use std::borrow::Cow;
 use std::str::FromStr;
@@ -14,35 +17,6 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 use crate::config::Config;
-
-/// Why the database could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The URL or connection options are unusable.
-    #[error("storage.database_url: {0}")]
-    Url(String),
-    /// The state directory could not be created.
-    #[error("storage.state_dir {path}: {source}")]
-    StateDir {
-        path: String,
-        source: std::io::Error,
-    },
-    /// Connecting or migrating failed.
-    #[error("cannot open the database {url}: {source}")]
-    Open { url: String, source: sqlx::Error },
-    /// Applying the embedded migrations failed.
-    #[error("cannot migrate the database {url}: {source}")]
-    Migrate {
-        url: String,
-        source: sqlx::migrate::MigrateError,
-    },
-    /// A query failed.
-    #[error("database error: {0}")]
-    Query(#[from] sqlx::Error),
-    /// A stored value is not what this version expects.
-    #[error("database holds an invalid value: {0}")]
-    Corrupt(String),
-}
 
 /// The database, whichever engine it is.
 #[derive(Debug, Clone)]

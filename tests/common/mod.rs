@@ -1,6 +1,7 @@
 //! Test support: a gateway on port 0 in this process, mock upstreams, and waiting helpers.
 #![allow(dead_code, reason = "each test crate uses a subset")]
 pub mod pg;
+pub mod tmpfs;
 
 use std::net::SocketAddr;
 use std::time::Duration;

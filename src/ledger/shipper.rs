@@ -1,0 +1,278 @@
+//! The shipper: moves records from the spool into the database in batches, and trims the
+//! spool only behind what the database has taken (or has refused for the record's own
+//! content, see `StoreError::kind`). Also syncs the spool and applies retention.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::spool::Batch;
+use super::{Ledger, gauge, lock};
+use crate::store::error::FailureKind;
+use crate::store::{Store, StoreError, now_ms};
+
+/// Longest pause between shipping attempts while the database fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often old rows are deleted when `ledger.retention` is set.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Retention statements per shipper round (each deletes up to a few thousand rows).
+const RETENTION_BATCHES_PER_ROUND: u32 = 10;
+
+/// Why a shipping round stopped early; the records stay in the spool for the next one.
+#[derive(Debug)]
+struct Stalled;
+
+impl Ledger {
+    /// Ships complete records from the spool: until a read finds none (`until_empty`), or
+    /// until a batch comes back short of `batch_size` (the reader caught up with the
+    /// writers), so that under steady load the shipper still gets back to syncing and
+    /// retention. Stops at the first failure the database may recover from.
+    async fn ship_all(&self, store: &Store, until_empty: bool) -> Result<(), Stalled> {
+        loop {
+            self.pending.store(0, Ordering::Relaxed);
+            let batch = self
+                .spool
+                .read_batch(None, self.config.batch_size)
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cannot read the usage spool");
+                    Stalled
+                })?;
+            self.metrics.corrupt_frames.inc_by(
+                self.spool
+                    .corrupt_frames()
+                    .saturating_sub(self.metrics.corrupt_frames.get()),
+            );
+            if batch.records.is_empty() {
+                // The read may still have moved past corrupt bytes or drained segments:
+                // commit that, so their space is freed, but only when it moved (a commit
+                // writes and syncs the cursor file).
+                let mut last = lock(&self.last_empty_end);
+                if *last != Some(batch.end) {
+                    self.commit(batch.end)?;
+                    *last = Some(batch.end);
+                }
+                self.metrics.lag_ms.set(0);
+                self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
+                return Ok(());
+            }
+            if let Some(oldest) = batch
+                .records
+                .first()
+                .and_then(|r| serde_json::from_slice::<TsOnly>(r).ok())
+            {
+                self.metrics.lag_ms.set((now_ms() - oldest.ts_ms).max(0));
+            }
+            let (array, unreadable) = json_array(batch.records.iter().map(Vec::as_slice));
+            match store.insert_usage_json(&array).await {
+                Ok(new) => {
+                    self.metrics.written.inc_by(new);
+                }
+                Err(e) if e.kind() == FailureKind::BadRecord => {
+                    tracing::warn!(error = %e, "usage batch refused; inserting its records one by one");
+                    self.ship_one_by_one(store, &batch).await?;
+                }
+                Err(e) => return Err(self.database_failed(&e, batch.records.len())),
+            }
+            self.db_ok.store(true, Ordering::Relaxed);
+            self.commit(batch.end)?;
+            // Counted once the batch is committed, so a retried batch does not count again.
+            self.metrics.dropped.inc_by(unreadable);
+            self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
+            if !until_empty && batch.records.len() < self.config.batch_size {
+                return Ok(());
+            }
+        }
+    }
+
+    fn commit(&self, pos: super::spool::Position) -> Result<(), Stalled> {
+        self.spool.commit(pos).map_err(|e| {
+            tracing::error!(error = %e, "cannot trim the usage spool");
+            Stalled
+        })
+    }
+
+    fn database_failed(&self, error: &StoreError, records: usize) -> Stalled {
+        self.db_ok.store(false, Ordering::Relaxed);
+        self.metrics.write_failures.inc();
+        tracing::warn!(error = %error, records, "usage batch not written; kept in the spool");
+        Stalled
+    }
+
+    /// Inserts a refused batch's records one at a time. One the database refuses for its
+    /// content is appended to `rejected.jsonl` (and counted as dropped), and the spool is
+    /// committed just past it at once, so it is never set aside twice. Any other failure
+    /// stops the round with the rest kept.
+    async fn ship_one_by_one(&self, store: &Store, batch: &Batch) -> Result<(), Stalled> {
+        for (raw, end) in batch.records.iter().zip(&batch.ends) {
+            let (one, unreadable) = json_array(std::iter::once(raw.as_slice()));
+            if unreadable > 0 {
+                continue; // counted with the batch
+            }
+            match store.insert_usage_json(&one).await {
+                Ok(n) => {
+                    self.metrics.written.inc_by(n);
+                }
+                Err(e) if e.kind() == FailureKind::BadRecord => {
+                    tracing::error!(error = %e, "usage record refused by the database; set aside in rejected.jsonl");
+                    self.set_aside(raw).await?;
+                    self.metrics.dropped.inc();
+                    self.commit(*end)?;
+                }
+                Err(e) => return Err(self.database_failed(&e, 1)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a refused record to `rejected.jsonl`, off the async workers. When that file
+    /// cannot be written either, the record stays in the spool.
+    async fn set_aside(&self, raw: &[u8]) -> Result<(), Stalled> {
+        let path = self.rejected.clone();
+        let line = [raw, b"\n"].concat();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            std::io::Write::write_all(&mut file, &line)?;
+            file.sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        written.map_err(|e| {
+            tracing::error!(error = %e, path = %self.rejected.display(), "cannot keep the refused record; it stays in the spool");
+            Stalled
+        })
+    }
+
+    /// The shipper: ships whenever a batch is full or `flush_interval` passed, backs off
+    /// while the database fails, writes held records back into the spool, syncs the spool,
+    /// applies retention. When `stop` fires it ships what is left (for up to
+    /// `drain_timeout`) and returns; what could not be shipped stays in the spool for the
+    /// next start.
+    pub async fn run_shipper(
+        self: Arc<Self>,
+        store: Store,
+        stop: CancellationToken,
+        drain_timeout: Duration,
+    ) {
+        let mut failures = 0u32;
+        let mut last_retention: Option<tokio::time::Instant> = None;
+        let mut last_sync = tokio::time::Instant::now();
+        loop {
+            let wait = if failures == 0 {
+                self.config.flush_interval
+            } else {
+                self.config
+                    .flush_interval
+                    .saturating_mul(2u32.saturating_pow(failures.min(8)))
+                    .min(MAX_BACKOFF)
+            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = self.wake.notified(), if failures == 0 => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            self.flush_held();
+            match self.ship_all(&store, false).await {
+                Ok(()) => failures = 0,
+                Err(Stalled) => failures = failures.saturating_add(1),
+            }
+            // Shipping may have made room for what is held.
+            self.flush_held();
+            if last_sync.elapsed() >= self.config.flush_interval {
+                last_sync = tokio::time::Instant::now();
+                // fdatasync can take milliseconds: not on a runtime worker.
+                let me = Arc::clone(&self);
+                match tokio::task::spawn_blocking(move || me.spool.sync()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the usage spool"),
+                    Err(e) => tracing::warn!(error = %e, "spool sync task failed"),
+                }
+            }
+            if !self.config.retention.is_zero()
+                && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
+            {
+                last_retention = Some(tokio::time::Instant::now());
+                let cutoff =
+                    now_ms() - i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
+                // A bounded amount per round, so a large backlog neither delays shipping
+                // nor shutdown; the next round goes on where this one stopped.
+                match store
+                    .delete_usage_before(cutoff, RETENTION_BATCHES_PER_ROUND)
+                    .await
+                {
+                    Ok((n, done)) => {
+                        if n > 0 {
+                            tracing::info!(deleted = n, "usage retention applied");
+                        }
+                        if !done {
+                            last_retention = None;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "usage retention failed"),
+                }
+            }
+        }
+        let drained = tokio::time::timeout(drain_timeout, async {
+            loop {
+                let held_done = self.flush_held();
+                if self.ship_all(&store, true).await.is_ok() && held_done {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        if let Err(e) = self.spool.sync() {
+            tracing::warn!(error = %e, "cannot sync the usage spool");
+        }
+        let held = self.held_records();
+        match drained {
+            Ok(()) => tracing::info!("usage ledger flushed"),
+            Err(_) => tracing::warn!(
+                spool_bytes = self.spool.bytes(),
+                "usage ledger not fully flushed; the rest ships at the next start"
+            ),
+        }
+        if held > 0 {
+            self.metrics.dropped.inc_by(held as u64);
+            tracing::error!(
+                records = held,
+                "usage records the spool never took are lost at exit"
+            );
+        }
+    }
+}
+
+/// Joins records into one JSON array for the database, skipping any that is not JSON
+/// (checksummed but written by an incompatible version); returns the array and how many
+/// were skipped. Each record is only checked to be JSON, not decoded.
+fn json_array<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> (String, u64) {
+    let size = records.clone().map(|r| r.len() + 1).sum::<usize>() + 2;
+    let mut array = Vec::with_capacity(size);
+    array.push(b'[');
+    let mut skipped = 0;
+    for raw in records {
+        if serde_json::from_slice::<&serde_json::value::RawValue>(raw).is_err() {
+            tracing::error!("undecodable usage record skipped");
+            skipped += 1;
+            continue;
+        }
+        if array.len() > 1 {
+            array.push(b',');
+        }
+        array.extend_from_slice(raw);
+    }
+    array.push(b']');
+    (String::from_utf8_lossy(&array).into_owned(), skipped)
+}
+
+/// The one field read from a spooled record: its time, for the lag gauge.
+#[derive(serde::Deserialize)]
+struct TsOnly {
+    ts_ms: i64,
+}
