@@ -97,6 +97,8 @@ pub enum AuthFailure {
     Revoked,
     /// The key has expired.
     Expired,
+    /// More than one `Authorization` header: which one counts would be a guess.
+    Multiple,
 }
 
 impl AuthFailure {
@@ -107,6 +109,7 @@ impl AuthFailure {
             Self::Invalid => "invalid",
             Self::Revoked => "revoked",
             Self::Expired => "expired",
+            Self::Multiple => "multiple",
         }
     }
 }

@@ -208,6 +208,7 @@ fn auth_message(failure: AuthFailure) -> &'static str {
         AuthFailure::Invalid => "Incorrect API key provided.",
         AuthFailure::Revoked => "This API key has been revoked.",
         AuthFailure::Expired => "This API key has expired.",
+        AuthFailure::Multiple => "Send exactly one Authorization header.",
     }
 }
 

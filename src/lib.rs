@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod admin;
 pub mod auth;
+pub mod authn;
 pub mod cli;
 pub mod config;
 pub mod error;

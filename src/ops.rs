@@ -3,12 +3,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde_json::json;
 
+use crate::authn::Caller;
 use crate::config::AuthMode;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -116,22 +117,30 @@ fn model_object(state: &AppState, id: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": state.created_unix, "owned_by": "llm-gateway" })
 }
 
-/// `GET /v1/models`: the configured public model names.
-pub async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+/// `GET /v1/models`: the configured public model names the caller may use.
+pub async fn list_models(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     let data: Vec<_> = state
         .current()
         .model_order
         .iter()
+        .filter(|m| caller.allows(m))
         .map(|m| model_object(&state, m))
         .collect();
     Json(json!({ "object": "list", "data": data })).into_response()
 }
 
-/// `GET /v1/models/{model}`
-pub async fn get_model(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Response {
+/// `GET /v1/models/{model}`: 404 for a model the caller may not use, as for an unknown one.
+pub async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(model): Path<String>,
+) -> Response {
     match state.current().models.get(&model) {
-        Some(m) => Json(model_object(&state, &m.name)).into_response(),
-        None => ApiError::ModelNotFound(model).into_response(),
+        Some(m) if caller.allows(&m.name) => Json(model_object(&state, &m.name)).into_response(),
+        _ => ApiError::ModelNotFound(model).into_response(),
     }
 }
 

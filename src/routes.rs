@@ -1,38 +1,66 @@
-//! Route tables: which path goes to which handler.
+//! Route tables: which path goes to which handler, and which layers wrap them.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::http::Method;
+use axum::routing::{MethodRouter, get, post};
 
 use crate::state::AppState;
-use crate::{ops, proxy, telemetry};
+use crate::{authn, ops, proxy, telemetry};
 
-/// The API listener's routes; `/metrics` too unless it has its own listener.
-pub fn api(state: Arc<AppState>, with_metrics: bool) -> Router {
-    let mut router = Router::new()
-        .route("/v1/chat/completions", post(proxy::chat_completions))
-        .route("/v1/completions", post(proxy::completions))
-        .route("/v1/embeddings", post(proxy::embeddings))
-        .route("/v1/models", get(ops::list_models))
-        .route("/v1/models/{*model}", get(ops::get_model))
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready));
+/// One route: method, path, handler.
+pub type RouteEntry = (Method, &'static str, MethodRouter<Arc<AppState>>);
+
+/// Every route of the API listener (`/metrics` too unless it has its own listener). Each
+/// one is behind `authn::authenticate` unless its path is in `authn::PUBLIC`.
+pub fn api_table(with_metrics: bool) -> Vec<RouteEntry> {
+    let mut table = vec![
+        (
+            Method::POST,
+            "/v1/chat/completions",
+            post(proxy::chat_completions),
+        ),
+        (Method::POST, "/v1/completions", post(proxy::completions)),
+        (Method::POST, "/v1/embeddings", post(proxy::embeddings)),
+        (Method::GET, "/v1/models", get(ops::list_models)),
+        (Method::GET, "/v1/models/{*model}", get(ops::get_model)),
+        (Method::GET, "/health", get(ops::health)),
+        (Method::GET, "/ready", get(ops::ready)),
+    ];
     if with_metrics {
-        router = router.route("/metrics", get(ops::metrics));
+        table.push((Method::GET, "/metrics", get(ops::metrics)));
     }
+    table
+}
+
+/// The API listener's router.
+pub fn api(state: Arc<AppState>, with_metrics: bool) -> Router {
+    let router = api_table(with_metrics)
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authn::authenticate,
+        ));
     finish(router, state)
 }
 
 /// The separate metrics listener's routes.
 pub fn metrics(state: Arc<AppState>) -> Router {
-    finish(Router::new().route("/metrics", get(ops::metrics)), state)
+    let router = Router::new()
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed);
+    finish(router, state)
 }
 
 fn finish(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     router
-        .fallback(ops::not_found)
-        .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::middleware::from_fn(telemetry::request_context))
         .with_state(state)
 }

@@ -629,3 +629,113 @@ async fn keys_are_required_by_default() {
     assert_eq!(r.status(), 401);
     assert_eq!(health(&gw).await["database"]["auth"], "keys");
 }
+
+/// Every route the router knows is behind the key check, except the public ones; a route
+/// added to the table later is walked here too. Unknown paths need a key as well.
+#[tokio::test]
+async fn every_api_route_but_the_public_ones_needs_a_key() {
+    let s = setup(Db::Sqlite, "keys").await;
+    let mut walked = 0;
+    for (method, path, _) in llm_gateway::routes::api_table(true) {
+        let concrete = path.replace("{*model}", "m");
+        let r = client()
+            .request(method.clone(), s.gw.url(&concrete))
+            .json(&chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        if llm_gateway::authn::PUBLIC.contains(&path) {
+            assert_ne!(r.status(), 401, "{method} {path} is public");
+        } else {
+            assert!(
+                path.starts_with("/v1/"),
+                "{path}: a non-/v1 route that is not public"
+            );
+            assert_eq!(r.status(), 401, "{method} {path} answered without a key");
+            assert_eq!(error_of(r).await["code"], "invalid_api_key");
+            walked += 1;
+        }
+    }
+    assert!(walked >= 5, "only {walked} protected routes walked");
+    for path in ["/v1/unknown", "/v2/models", "/"] {
+        let r = client().get(s.gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+}
+
+/// `/v1/models` lists only what the key may use; another model is "not found" for it.
+/// Two `Authorization` headers are refused whatever their order.
+#[tokio::test]
+async fn a_key_sees_only_its_models_and_must_send_one_authorization_header() {
+    let up = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}{}",
+        config_for(&[&up], &storage(Db::Sqlite, dir.path(), "keys")),
+        common::model("other", &["b0"])
+    );
+    let config = Config::from_toml(&toml).unwrap();
+    let gw = Gateway::start(&toml).await;
+    let store = Store::open(&config).await.unwrap();
+    let limited = auth::generate("limited", Some(vec!["m".into()]), Limits::default(), None);
+    store.insert_key(&limited.row).await.unwrap();
+    let all = auth::generate("all", None, Limits::default(), None);
+    store.insert_key(&all.row).await.unwrap();
+    let models = |key: String| {
+        let url = gw.url("/v1/models");
+        async move {
+            let r = client().get(url).bearer_auth(key).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while models(all.secret.clone()).await.0 != 200 {
+        assert!(Instant::now() < deadline, "keys never loaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&models(all.secret.clone()).await.1), ["m", "other"]);
+    let (status, body) = models(limited.secret.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&body), ["m"]);
+    let get = |path: &str, key: &str| client().get(gw.url(path)).bearer_auth(key).send();
+    assert_eq!(
+        get("/v1/models/m", &limited.secret).await.unwrap().status(),
+        200
+    );
+    let r = get("/v1/models/other", &limited.secret).await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_of(r).await["code"], "model_not_found");
+    assert_eq!(
+        get("/v1/models/other", &all.secret).await.unwrap().status(),
+        200
+    );
+
+    for (first, second) in [
+        (all.secret.as_str(), "sk-lgw-0000000000000000-00"),
+        ("sk-lgw-0000000000000000-00", all.secret.as_str()),
+    ] {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {first}"))
+            .header("authorization", format!("Bearer {second}"))
+            .json(&chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(
+            error_of(r).await["message"]
+                .as_str()
+                .unwrap()
+                .contains("exactly one Authorization header")
+        );
+    }
+}
