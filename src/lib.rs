@@ -1,6 +1,7 @@
 //! llm-gateway: an authenticated, metered, observable OpenAI-compatible front door to
 //! self-hosted inference servers. `serve` runs it on listeners the caller has bound.
 
+pub(crate) mod accounting;
 pub mod activation;
 pub mod admin;
 pub mod auth;

@@ -15,19 +15,18 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::auth::KeyEntry;
+use crate::accounting::Record;
 use crate::authn::Caller;
 use crate::error::{
     ApiError, rate_limit_headers, sanitize_upstream_error, upstream_status_is_clients,
 };
 use crate::ledger::Refusal;
-use crate::metrics::{InFlight, RequestSample};
-use crate::ratelimit::{LimitKind, Limiter, Snapshot};
+use crate::metrics::InFlight;
+use crate::ratelimit::LimitKind;
 use crate::relay::{Relay, StreamSummary};
 use crate::sse::SseScanner;
 use crate::state::{AppState, Configured, Model};
-use crate::store::now_ms;
-use crate::store::usage::UsageRecord;
+use crate::store::usage::Outcome;
 use crate::telemetry::{REQUEST_ID_HEADER, RequestId};
 use crate::upstream::balancer::{self, PickError};
 use crate::upstream::{Attempt, Route};
@@ -110,124 +109,6 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, request: Request) ->
     handle(state, Endpoint::Embeddings, request).await
 }
 
-/// What is counted and logged once a request is over.
-struct Record {
-    state: Arc<AppState>,
-    span: tracing::Span,
-    endpoint: Endpoint,
-    started: Instant,
-    model: Option<Arc<str>>,
-    backend: Option<Arc<str>>,
-    attempts: u32,
-    stream: bool,
-    ttft: Option<Duration>,
-    finished: bool,
-    /// Request id as sent to the client and upstream.
-    request_id: HeaderValue,
-    /// Authenticated (or open mode): the request goes into the usage ledger.
-    ledgered: bool,
-    /// The client's key (keys mode).
-    key: Option<Arc<KeyEntry>>,
-    /// Tokens reserved from the key's limiter, settled at the end.
-    reservation: Option<(Arc<Limiter>, u64)>,
-    /// Rate-limit state for the response headers.
-    limits: Option<Snapshot>,
-}
-
-/// Status logged for a client that went away before the answer (nginx's convention).
-const CLIENT_CLOSED_REQUEST: u16 = 499;
-
-impl Drop for Record {
-    fn drop(&mut self) {
-        // The handler future was dropped mid-flight: the client disconnected before any
-        // response; the upstream request was cancelled with it.
-        self.finish(
-            CLIENT_CLOSED_REQUEST,
-            None,
-            Some("client_disconnected"),
-            true,
-        );
-    }
-}
-
-impl Record {
-    fn finish(
-        &mut self,
-        status: u16,
-        tokens: Option<Tokens>,
-        error: Option<&str>,
-        disconnected: bool,
-    ) {
-        if std::mem::replace(&mut self.finished, true) {
-            return;
-        }
-        let duration = self.started.elapsed();
-        let t = tokens.unwrap_or_default();
-        if let Some((limiter, estimated)) = self.reservation.take() {
-            limiter.settle(estimated, t.prompt.saturating_add(t.completion));
-        }
-        if self.ledgered {
-            self.state.ledger.append(&UsageRecord {
-                // Time-ordered, so the primary key index grows at its end instead of
-                // touching random pages (and writing their full images to the WAL).
-                id: uuid::Uuid::now_v7().to_string(),
-                request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
-                ts_ms: now_ms(),
-                key_id: self.key.as_ref().map(|k| k.id.to_string()),
-                model: self.model.as_deref().map(str::to_owned),
-                backend: self.backend.as_deref().map(str::to_owned),
-                endpoint: self.endpoint.label().to_owned(),
-                status,
-                // A backend may report absurd counts; sums over them must not overflow.
-                prompt_tokens: t.prompt.min(MAX_RECORDED_TOKENS),
-                completion_tokens: t.completion.min(MAX_RECORDED_TOKENS),
-                estimated: t.estimated,
-                latency_us: micros(duration),
-                ttft_us: self.ttft.map(micros),
-                client_disconnected: disconnected,
-                instance_id: self.state.instance_id.to_string(),
-            });
-        }
-        self.state.metrics.record_request(&RequestSample {
-            endpoint: self.endpoint.label(),
-            model: self.model.as_ref(),
-            backend: self.backend.as_ref(),
-            status,
-            duration,
-            ttft: self.ttft,
-            tokens,
-        });
-        let _entered = self.span.enter();
-        tracing::info!(
-            target: "llm_gateway::access",
-            endpoint = self.endpoint.label(),
-            key = self.key.as_ref().map_or("-", |k| &k.id),
-            model = self.model.as_deref().unwrap_or("-"),
-            backend = self.backend.as_deref().unwrap_or("-"),
-            status,
-            latency_ms = duration.as_secs_f64() * 1000.0,
-            ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1000.0),
-            prompt_tokens = t.prompt,
-            completion_tokens = t.completion,
-            tokens_estimated = t.estimated,
-            attempts = self.attempts,
-            stream = self.stream,
-            client_disconnected = disconnected,
-            error = error.unwrap_or("-"),
-            "request finished"
-        );
-    }
-}
-
-const I64_MAX: u64 = i64::MAX.unsigned_abs();
-/// Token counts above this (2^40) are recorded as this, so that sums over millions of
-/// rows stay far from overflowing 64 bits.
-const MAX_RECORDED_TOKENS: u64 = 1 << 40;
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(I64_MAX).min(I64_MAX)
-}
-
 /// Held for as long as the request (or its stream) lives.
 struct Guards {
     _permit: OwnedSemaphorePermit,
@@ -260,35 +141,20 @@ struct Proxied {
 }
 
 async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> Response {
-    let mut record = Record {
-        state: Arc::clone(&state),
-        span: tracing::Span::current(),
-        endpoint,
-        started: Instant::now(),
-        model: None,
-        backend: None,
-        attempts: 0,
-        stream: false,
-        ttft: None,
-        finished: false,
-        request_id: request
-            .extensions()
-            .get::<RequestId>()
-            .map(|id| id.0.clone())
-            .unwrap_or(HeaderValue::from_static("-")),
-        ledgered: false,
-        key: None,
-        reservation: None,
-        limits: None,
-    };
-    // This request keeps the configuration it started with, whatever a reload does.
-    let current = state.current();
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or(HeaderValue::from_static("-"));
     // Set by `authn::authenticate`, which every API route is behind.
-    record.key = request
+    let key = request
         .extensions()
         .get::<Caller>()
         .and_then(Caller::key)
         .cloned();
+    let mut record = Record::new(Arc::clone(&state), endpoint, request_id, key);
+    // This request keeps the configuration it started with, whatever a reload does.
+    let current = state.current();
     match state.ledger.admission() {
         Ok(()) => {}
         Err(Refusal::Full) => return fail(&mut record, ApiError::LedgerFull),
@@ -326,7 +192,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
                     Tokens::estimate_from_bytes(body.len()),
                 )
             };
-            record.finish(200, Some(tokens), None, false);
+            record.finish(200, Some(tokens), None, Outcome::Complete);
             let mut response = Response::new(Body::from(body));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, content_type);
@@ -342,6 +208,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             idle_timeout,
         } => {
             let mut record = record;
+            record.begin_stream(prompt_bytes);
             let limits = record.limits;
             let on_end = Box::new(move |summary: StreamSummary| {
                 let _guards = guards;
@@ -370,7 +237,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
                     200,
                     Some(tokens),
                     summary.end.error_kind(),
-                    summary.end == crate::relay::StreamEnd::ClientGone,
+                    summary.end.outcome(),
                 );
             });
             let relay = Relay::new(
@@ -397,7 +264,12 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
 }
 
 fn fail(record: &mut Record, error: ApiError) -> Response {
-    record.finish(error.status().as_u16(), None, Some(error.kind()), false);
+    record.finish(
+        error.status().as_u16(),
+        None,
+        Some(error.kind()),
+        Outcome::Complete,
+    );
     let mut response = error.into_response();
     if let Some(limits) = &record.limits {
         rate_limit_headers(response.headers_mut(), limits);

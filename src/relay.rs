@@ -11,6 +11,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::{Instant, Sleep};
 
 use crate::sse::SseScanner;
+use crate::store::usage::Outcome;
 use crate::usage::Usage;
 
 /// How a relayed stream ended.
@@ -30,6 +31,17 @@ pub enum StreamEnd {
 }
 
 impl StreamEnd {
+    /// How the ledger records it.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Self::Complete => Outcome::Complete,
+            Self::Incomplete => Outcome::StreamIncomplete,
+            Self::UpstreamBroken => Outcome::StreamBroken,
+            Self::IdleTimeout => Outcome::StreamIdleTimeout,
+            Self::ClientGone => Outcome::ClientDisconnected,
+        }
+    }
+
     /// Label for metrics and logs, `None` for a normal end.
     pub fn error_kind(self) -> Option<&'static str> {
         match self {

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use common::{chat_body, client, metric, mock, pg::PgCluster};
 use llm_gateway::Config;
+use llm_gateway::mock::MockBehavior;
 use llm_gateway::store::Store;
+use llm_gateway::store::usage::Outcome;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -167,9 +169,13 @@ struct Setup {
 const HOLD_BACK: &str = "flush_interval = \"1h\"\nbatch_size = 10000";
 
 async fn setup(ledger: &str) -> Setup {
+    setup_with(ledger, MockBehavior::default()).await
+}
+
+async fn setup_with(ledger: &str, upstream: MockBehavior) -> Setup {
     let cluster = PgCluster::start();
     let url = cluster.create_database("ledger");
-    let up = mock().await;
+    let up = common::mock_with(upstream).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &up.base_url(), &url, ledger);
     Setup {
@@ -326,6 +332,68 @@ async fn sigkill_under_load_then_restart_loses_no_record() {
 
     let _gw = spawn(&config, &[("LLM_GATEWAY__LEDGER__FLUSH_INTERVAL", "50ms")]).await;
     assert_ledger_has_each_once(&store, &expected).await;
+}
+
+/// Streams cut by a crash of the gateway still leave their rows: each client had a 200 and
+/// events when the process was killed; after the restart each stream is in the ledger once,
+/// marked `interrupted`, with what was known when its first byte went out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_by_sigkill_leave_interrupted_rows() {
+    let Setup {
+        cluster: _cluster,
+        url,
+        config,
+        dir: _dir,
+        _up,
+    } = setup_with(
+        HOLD_BACK,
+        MockBehavior {
+            chunks: 1000,
+            chunk_interval: Duration::from_millis(20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut gw = spawn(&config, &[]).await;
+    let mut open = Vec::new();
+    for i in 0..8 {
+        let id = format!("cut-{i}");
+        let r = client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .header("x-request-id", &id)
+            .json(&chat_body(true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut body = r.bytes_stream();
+        let mut events = 0;
+        while events < 5 {
+            let chunk = futures_util::StreamExt::next(&mut body)
+                .await
+                .unwrap()
+                .unwrap();
+            events += chunk.windows(6).filter(|w| w == b"data: ").count();
+        }
+        open.push((id, body));
+    }
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
+    gw.child.wait().unwrap();
+    drop(open);
+
+    let _gw = spawn(&config, &[("LLM_GATEWAY__LEDGER__FLUSH_INTERVAL", "50ms")]).await;
+    let store = store_at(&url).await;
+    let ids: Vec<String> = (0..8).map(|i| format!("cut-{i}")).collect();
+    assert_ledger_has_each_once(&store, &ids).await;
+    for row in store.usage_records(0).await.unwrap() {
+        assert_eq!(row.outcome, Outcome::Interrupted, "{row:?}");
+        assert_eq!(row.status, 200);
+        assert_eq!(row.model.as_deref(), Some("m"));
+        assert_eq!(row.backend.as_deref(), Some("b0"));
+        assert!(row.ttft_us.is_some());
+        assert!(row.prompt_tokens > 0 && row.estimated, "{row:?}");
+        assert_eq!(row.completion_tokens, 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use common::{Gateway, chat_body, client, config_for, health, metric, metrics_tex
 use llm_gateway::auth;
 use llm_gateway::ratelimit::Limits;
 use llm_gateway::store::Store;
-use llm_gateway::store::usage::{GroupBy, UsageRecord};
+use llm_gateway::store::usage::{GroupBy, Outcome, UsageRecord};
 use llm_gateway::{Config, admin};
 use serde_json::Value;
 
@@ -420,11 +420,15 @@ async fn a_record_the_database_refuses_is_set_aside_and_the_rest_shipped(db: Db)
             ttft_us: None,
             client_disconnected: false,
             instance_id: "old".into(),
+            outcome: Outcome::Complete,
         };
         spool
             .append(br#"{"id":"01900000-0000-7000-8000-000000000002"}"#)
             .unwrap();
-        spool.append(&serde_json::to_vec(&good).unwrap()).unwrap();
+        // As spooled by a version before the ledger had `outcome`.
+        let mut old = serde_json::to_value(&good).unwrap();
+        old.as_object_mut().unwrap().remove("outcome");
+        spool.append(&serde_json::to_vec(&old).unwrap()).unwrap();
     }
     let toml = config_for(&[&up], &storage(db, dir.path(), "open"));
     let config = Config::from_toml(&toml).unwrap();
@@ -452,7 +456,8 @@ async fn a_record_the_database_refuses_is_set_aside_and_the_rest_shipped(db: Db)
     }
     let rows = store.usage_records(0).await.unwrap();
     assert_eq!(rows.len(), 4);
-    assert!(rows.iter().any(|r| r.request_id == "left-over"));
+    let left_over = rows.iter().find(|r| r.request_id == "left-over").unwrap();
+    assert_eq!(left_over.outcome, Outcome::Complete);
     let rejected = std::fs::read_to_string(dir.path().join("rejected.jsonl")).unwrap();
     assert_eq!(
         rejected,
@@ -462,6 +467,102 @@ async fn a_record_the_database_refuses_is_set_aside_and_the_rest_shipped(db: Db)
     assert_eq!(
         metric(&m, "llm_gateway_ledger_records_dropped_total"),
         Some(1.0)
+    );
+}
+
+/// A stream that broke, idled out, ended without `[DONE]` or lost its client is told apart
+/// in its ledger row, not only in the log; one that completed says so.
+async fn how_a_stream_ended_is_in_its_ledger_row(db: Db) {
+    use llm_gateway::mock::MockBehavior;
+    let normal = mock().await;
+    // Paced so the first chunk reaches the gateway (and the client) before the break.
+    let broken = common::mock_with(MockBehavior {
+        drop_after: Some(2),
+        chunk_interval: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let no_done = common::mock_with(MockBehavior {
+        send_done: false,
+        ..Default::default()
+    })
+    .await;
+    let idle = common::mock_with(MockBehavior {
+        chunk_interval: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let slow = common::mock_with(MockBehavior {
+        chunks: 1000,
+        chunk_interval: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = format!(
+        "{}\n[health_check]\nenabled = false\n",
+        storage(db, dir.path(), "open")
+    );
+    for (name, up, extra) in [
+        ("normal", &normal, ""),
+        ("broken", &broken, ""),
+        ("no_done", &no_done, ""),
+        ("idle", &idle, "stream_idle_timeout = \"300ms\""),
+        ("slow", &slow, ""),
+    ] {
+        toml.push_str(&common::backend(name, &up.base_url(), extra));
+        toml.push_str(&common::model(name, &[name]));
+    }
+    let config = Config::from_toml(&toml).unwrap();
+    let gw = Gateway::start(&toml).await;
+    let store = Store::open(&config).await.unwrap();
+    let stream = |model: &str| {
+        let mut body = chat_body(true);
+        body["model"] = model.into();
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+    };
+    for model in ["normal", "broken", "no_done", "idle"] {
+        let r = stream(model).await.unwrap();
+        assert_eq!(r.status(), 200, "{model}");
+        r.bytes().await.unwrap();
+    }
+    let r = stream("slow").await.unwrap();
+    let mut body = r.bytes_stream();
+    futures_util::StreamExt::next(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rows = loop {
+        let rows = store.usage_records(0).await.unwrap();
+        if rows.len() == 5 && rows.iter().all(|r| r.outcome != Outcome::Interrupted) {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "rows: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let outcome = |model: &str| {
+        let row = rows
+            .iter()
+            .find(|r| r.model.as_deref() == Some(model))
+            .unwrap();
+        assert_eq!(row.status, 200, "{model}: the status sent");
+        row.outcome
+    };
+    assert_eq!(outcome("normal"), Outcome::Complete);
+    assert_eq!(outcome("broken"), Outcome::StreamBroken);
+    assert_eq!(outcome("no_done"), Outcome::StreamIncomplete);
+    assert_eq!(outcome("idle"), Outcome::StreamIdleTimeout);
+    assert_eq!(outcome("slow"), Outcome::ClientDisconnected);
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(&m, "llm_gateway_ledger_records_written_total"),
+        Some(5.0),
+        "provisional rows are not counted as written records"
     );
 }
 
@@ -486,6 +587,7 @@ on_both!(
     the_instance_is_registered_and_health_shows_the_database,
     retention_deletes_old_rows_in_batches_and_keeps_new_ones,
     a_record_the_database_refuses_is_set_aside_and_the_rest_shipped,
+    how_a_stream_ended_is_in_its_ledger_row,
 );
 
 /// `keys create` may run while the service starts: both migrate the same fresh database.
@@ -525,6 +627,7 @@ async fn retention_deletes_old_rows_in_batches_and_keeps_new_ones(db: Db) {
         ttft_us: None,
         client_disconnected: false,
         instance_id: "i".into(),
+        outcome: Outcome::Complete,
     };
     // 12 000 old rows (more than two delete batches) and 10 recent ones.
     for chunk in 0..12 {

@@ -38,6 +38,48 @@ pub struct UsageRecord {
     pub client_disconnected: bool,
     /// Instance that served it.
     pub instance_id: String,
+    /// How the response ended (records spooled by older versions have none: complete).
+    #[serde(default)]
+    pub outcome: Outcome,
+}
+
+/// How a response ended, as the ledger keeps it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Sent in full, whatever its status (a stream ended with `[DONE]`).
+    #[default]
+    Complete,
+    /// The backend closed the stream cleanly but without `[DONE]`.
+    StreamIncomplete,
+    /// The backend's connection broke mid-stream.
+    StreamBroken,
+    /// The backend stayed silent past `stream_idle_timeout`.
+    StreamIdleTimeout,
+    /// The client went away before the end.
+    ClientDisconnected,
+    /// A stream's provisional record: still open, or the gateway died while it was. The
+    /// final record (same id) replaces it.
+    Interrupted,
+}
+
+impl Outcome {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::StreamIncomplete => "stream_incomplete",
+            Self::StreamBroken => "stream_broken",
+            Self::StreamIdleTimeout => "stream_idle_timeout",
+            Self::ClientDisconnected => "client_disconnected",
+            Self::Interrupted => "interrupted",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        serde_json::from_value(serde_json::Value::String(text.to_owned()))
+            .map_err(|_| StoreError::Corrupt(format!("usage_records.outcome: {text:?}")))
+    }
 }
 
 /// How `usage` groups its summary.
@@ -81,47 +123,71 @@ impl Store {
     /// Inserts a JSON array of usage records (as `UsageRecord` serialises) in one statement
     /// with one parameter, whatever the number of rows: the database unpacks the array, so
     /// there is one prepared statement, not one per batch size, and the spooled records are
-    /// shipped without being decoded. Rows already present (same `id`) are skipped; returns
-    /// how many were new.
+    /// shipped without being decoded. A row already present (same `id`) is left alone,
+    /// except that a final record replaces a stream's provisional one (`interrupted`), so
+    /// re-shipping changes nothing. Returns how many final records were new (provisional
+    /// rows are not counted).
     pub async fn insert_usage_json(&self, records: &str) -> Result<u64, StoreError> {
         const COLUMNS: &str = "id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
              prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
-             client_disconnected, instance_id";
-        let n = match self {
+             client_disconnected, instance_id, outcome";
+        let updates = COLUMNS
+            .split(", ")
+            .skip(1)
+            .map(|c| format!("{c} = excluded.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let upsert = format!(
+            "ON CONFLICT (id) DO UPDATE SET {updates} \
+             WHERE usage_records.outcome = 'interrupted' AND excluded.outcome <> 'interrupted' \
+             RETURNING outcome"
+        );
+        let outcomes: Vec<String> = match self {
             Self::Postgres(pool) => {
+                // One row per id in a statement (PostgreSQL refuses to update a row twice):
+                // a final record wins over the provisional one in the same batch.
                 let sql = format!(
-                    "INSERT INTO usage_records ({COLUMNS}) SELECT {COLUMNS} FROM \
-                     json_to_recordset($1::json) AS r(id uuid, request_id text, ts_ms bigint, \
+                    "INSERT INTO usage_records ({COLUMNS}) SELECT DISTINCT ON (id) {COLUMNS} FROM \
+                     (SELECT id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
+                     prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
+                     client_disconnected, instance_id, COALESCE(outcome, 'complete') AS outcome \
+                     FROM json_to_recordset($1::json) AS r(id uuid, request_id text, ts_ms bigint, \
                      key_id text, model text, backend text, endpoint text, status integer, \
                      prompt_tokens bigint, completion_tokens bigint, estimated boolean, \
                      latency_us bigint, ttft_us bigint, client_disconnected boolean, \
-                     instance_id text) ON CONFLICT (id) DO NOTHING"
+                     instance_id text, outcome text)) AS r \
+                     ORDER BY id, outcome = 'interrupted' {upsert}"
                 );
-                sqlx::query(&sql)
+                sqlx::query_scalar(&sql)
                     .bind(records)
-                    .execute(pool)
+                    .fetch_all(pool)
                     .await?
-                    .rows_affected()
             }
             Self::Sqlite(pool) => {
+                // Rows are applied in array order, so a final record after its provisional
+                // one in the same batch updates it.
                 let fields: Vec<String> = COLUMNS
                     .split(", ")
-                    .map(|c| format!("json_extract(value, '$.{c}')"))
+                    .map(|c| match c {
+                        "outcome" => {
+                            "COALESCE(json_extract(value, '$.outcome'), 'complete')".to_owned()
+                        }
+                        c => format!("json_extract(value, '$.{c}')"),
+                    })
                     .collect();
                 // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
                 let sql = format!(
                     "INSERT INTO usage_records ({COLUMNS}) SELECT {} FROM json_each(?1) \
-                     WHERE true ON CONFLICT (id) DO NOTHING",
+                     WHERE true {upsert}",
                     fields.join(", ")
                 );
-                sqlx::query(&sql)
+                sqlx::query_scalar(&sql)
                     .bind(records)
-                    .execute(pool)
+                    .fetch_all(pool)
                     .await?
-                    .rows_affected()
             }
         };
-        Ok(n)
+        Ok(outcomes.iter().filter(|o| *o != "interrupted").count() as u64)
     }
 
     /// Totals since `since_ms`, grouped by key or model, largest token use first.
@@ -168,7 +234,7 @@ impl Store {
         let sql = self.sql(
             "SELECT CAST(id AS TEXT) AS id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
              prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
-             client_disconnected, instance_id FROM usage_records WHERE ts_ms >= $1 \
+             client_disconnected, instance_id, outcome FROM usage_records WHERE ts_ms >= $1 \
              ORDER BY ts_ms, id",
         );
         let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -178,6 +244,7 @@ impl Store {
                 .map(|r| {
                     let status: i32 = r.try_get("status")?;
                     let ttft: Option<i64> = r.try_get("ttft_us")?;
+                    let outcome: String = r.try_get("outcome")?;
                     Ok(UsageRecord {
                         id: r.try_get("id")?,
                         request_id: r.try_get("request_id")?,
@@ -194,6 +261,7 @@ impl Store {
                         ttft_us: ttft.map(unsigned),
                         client_disconnected: r.try_get("client_disconnected")?,
                         instance_id: r.try_get("instance_id")?,
+                        outcome: Outcome::parse(&outcome)?,
                     })
                 })
                 .collect()
