@@ -30,9 +30,12 @@ fn host_name() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Records this instance as started.
+/// Records this instance as started, retiring a predecessor that died on this host in the
+/// same state directory (call only while holding that directory's spool lock).
 pub async fn register(store: &Store, id: &str, config: &Config) -> Result<(), StoreError> {
     let now = now_ms();
+    let state_dir = config.storage.state_dir();
+    let state_dir = std::fs::canonicalize(&state_dir).unwrap_or(state_dir);
     store
         .register_instance(&InstanceRow {
             id: id.to_owned(),
@@ -43,6 +46,7 @@ pub async fn register(store: &Store, id: &str, config: &Config) -> Result<(), St
             started_at_ms: now,
             heartbeat_at_ms: now,
             stopped_at_ms: None,
+            state_dir: Some(state_dir.display().to_string()),
         })
         .await
 }

@@ -396,6 +396,51 @@ async fn streams_cut_by_sigkill_leave_interrupted_rows() {
     }
 }
 
+/// After a `kill -9` and restart in the same state directory, the dead process does not
+/// count as a live instance (which would halve every key's limits until it went stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_does_not_count_its_dead_predecessor() {
+    let Setup {
+        cluster: _cluster,
+        url,
+        config,
+        dir: _dir,
+        _up,
+    } = setup("").await;
+    let beat = [("LLM_GATEWAY__STORAGE__HEARTBEAT_INTERVAL", "1s")];
+    let mut gw = spawn(&config, &beat).await;
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
+    gw.child.wait().unwrap();
+    let gw = spawn(&config, &beat).await;
+    let store = store_at(&url).await;
+    // Wait for the second heartbeat of the new instance: it counts the live instances while
+    // the dead one's last beat is still fresh (three intervals).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = store.list_instances().await.unwrap();
+        let newest = &rows[0];
+        if newest.heartbeat_at_ms >= newest.started_at_ms + 500 {
+            assert!(
+                newest.heartbeat_at_ms < rows[1].heartbeat_at_ms + 3000,
+                "the dead instance's beat went stale before the check"
+            );
+            assert!(rows[1].stopped_at_ms.is_some(), "predecessor not retired");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no second heartbeat");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h: serde_json::Value = client()
+        .get(format!("{}/health", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["database"]["live_instances"], 1, "{h}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_spool_record_is_skipped_and_the_others_are_kept() {
     let Setup {

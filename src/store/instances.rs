@@ -23,21 +23,35 @@ pub struct InstanceRow {
     pub heartbeat_at_ms: i64,
     /// Clean stop time (Unix ms); `None` while running or after a crash.
     pub stopped_at_ms: Option<i64>,
+    /// State directory (absolute), which only one live process on the host can hold.
+    pub state_dir: Option<String>,
 }
 
 /// Registry rows of instances stopped (or silent) longer than this are removed.
 const FORGET_AFTER_MS: i64 = 7 * 24 * 3600 * 1000;
 
 impl Store {
-    /// Records this instance as started.
+    /// Records this instance as started. Rows of earlier processes on the same host and
+    /// state directory that never marked themselves stopped (killed, crashed) are marked
+    /// stopped now: the caller holds that directory's spool lock, so none of them runs.
     pub async fn register_instance(&self, row: &InstanceRow) -> Result<(), StoreError> {
         let sql = self.sql(
             "INSERT INTO instances (id, host, pid, version, config_hash, started_at_ms, \
-             heartbeat_at_ms, stopped_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL)",
+             heartbeat_at_ms, stopped_at_ms, state_dir) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8)",
         );
         let forget = self.sql("DELETE FROM instances WHERE heartbeat_at_ms < $1");
+        let retire = self.sql(
+            "UPDATE instances SET stopped_at_ms = $1 \
+             WHERE stopped_at_ms IS NULL AND host = $2 AND state_dir = $3",
+        );
         with_pool!(self, pool => {
             sqlx::query(&forget).bind(now_ms() - FORGET_AFTER_MS).execute(pool).await?;
+            sqlx::query(&retire)
+                .bind(now_ms())
+                .bind(&row.host)
+                .bind(&row.state_dir)
+                .execute(pool)
+                .await?;
             sqlx::query(&sql)
                 .bind(&row.id)
                 .bind(&row.host)
@@ -46,6 +60,7 @@ impl Store {
                 .bind(&row.config_hash)
                 .bind(row.started_at_ms)
                 .bind(row.heartbeat_at_ms)
+                .bind(&row.state_dir)
                 .execute(pool)
                 .await
                 .map(drop)
@@ -73,7 +88,7 @@ impl Store {
     /// Every registered instance, newest first.
     pub async fn list_instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
         let sql = "SELECT id, host, pid, version, config_hash, started_at_ms, heartbeat_at_ms, \
-                   stopped_at_ms FROM instances ORDER BY started_at_ms DESC, id";
+                   stopped_at_ms, state_dir FROM instances ORDER BY started_at_ms DESC, id";
         with_pool!(self, pool => {
             let rows = sqlx::query(sql).fetch_all(pool).await?;
             rows.iter()
@@ -87,6 +102,7 @@ impl Store {
                         started_at_ms: r.try_get("started_at_ms")?,
                         heartbeat_at_ms: r.try_get("heartbeat_at_ms")?,
                         stopped_at_ms: r.try_get("stopped_at_ms")?,
+                        state_dir: r.try_get("state_dir")?,
                     })
                 })
                 .collect()
