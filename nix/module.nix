@@ -56,6 +56,9 @@ let
         "header_read_timeout"
         "write_stall_timeout"
         "tcp_nodelay"
+        "max_connections"
+        "max_header_bytes"
+        "listen_backlog"
       ]
     ) cfg.settings.server;
     storage = cfg.settings.storage or { };

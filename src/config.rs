@@ -104,6 +104,12 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
 }
 
+/// Longest duration any setting may have (one year): deadlines are computed by adding
+/// durations to the current time, and this keeps every sum far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest `ledger.retention` (100 years).
+pub const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// `[server]`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -134,6 +140,14 @@ pub struct ServerConfig {
     pub write_stall_timeout: Duration,
     /// Set `TCP_NODELAY` on accepted sockets (leave on: Nagle stalls streamed responses).
     pub tcp_nodelay: bool,
+    /// Open client connections at most (per listener); beyond it new connections wait in
+    /// the listen backlog until one closes.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) in bytes; 431 beyond. Bounds the
+    /// buffer each connection may hold while its headers arrive (8 KiB - 1 MiB).
+    pub max_header_bytes: usize,
+    /// Listen backlog of the sockets the gateway binds itself (not those systemd passes).
+    pub listen_backlog: u32,
 }
 
 impl Default for ServerConfig {
@@ -149,6 +163,9 @@ impl Default for ServerConfig {
             worker_threads: 0,
             write_stall_timeout: Duration::from_secs(60),
             tcp_nodelay: true,
+            max_connections: 4096,
+            max_header_bytes: 64 * 1024,
+            listen_backlog: 4096,
         }
     }
 }
@@ -527,24 +544,25 @@ impl Config {
                 "must be > 0",
             ));
         }
-        if s.header_read_timeout.is_zero() {
+        if s.max_connections == 0 {
             return Err(ConfigError::invalid(
-                "server.header_read_timeout",
-                "must be > 0",
+                "server.max_connections",
+                "must be >= 1",
             ));
         }
-        if s.write_stall_timeout.is_zero() {
+        if !(8 * 1024..=1024 * 1024).contains(&s.max_header_bytes) {
             return Err(ConfigError::invalid(
-                "server.write_stall_timeout",
-                "must be > 0",
+                "server.max_header_bytes",
+                "must be 8192-1048576",
             ));
         }
-        if s.body_read_timeout.is_zero() {
+        if s.listen_backlog == 0 || s.listen_backlog > 65_535 {
             return Err(ConfigError::invalid(
-                "server.body_read_timeout",
-                "must be > 0",
+                "server.listen_backlog",
+                "must be 1-65535",
             ));
         }
+        self.validate_durations()?;
         if Some(s.listen) == s.metrics_listen && s.listen.port() != 0 {
             return Err(ConfigError::invalid(
                 "server.metrics_listen",
@@ -559,12 +577,6 @@ impl Config {
         }
         let hc = &self.health_check;
         if hc.enabled {
-            if hc.interval.is_zero() || hc.timeout.is_zero() {
-                return Err(ConfigError::invalid(
-                    "health_check.interval",
-                    "interval and timeout must be > 0",
-                ));
-            }
             if !hc.path.starts_with('/') {
                 return Err(ConfigError::invalid(
                     "health_check.path",
@@ -623,16 +635,6 @@ impl Config {
             if b.max_concurrency == 0 {
                 return Err(ConfigError::invalid(key("max_concurrency"), "must be >= 1"));
             }
-            for (field, d) in [
-                ("connect_timeout", b.connect_timeout),
-                ("request_timeout", b.request_timeout),
-                ("first_token_timeout", b.first_token_timeout),
-                ("stream_idle_timeout", b.stream_idle_timeout),
-            ] {
-                if d.is_zero() {
-                    return Err(ConfigError::invalid(key(field), "must be > 0"));
-                }
-            }
         }
         if self.models.is_empty() {
             return Err(ConfigError::invalid(
@@ -680,6 +682,103 @@ impl Config {
         Ok(())
     }
 
+    /// Every duration of the configuration: its key, its value, and whether 0 is allowed.
+    fn durations(&self) -> Vec<(String, Duration, bool)> {
+        let (s, u, hc, st) = (
+            &self.server,
+            &self.upstream,
+            &self.health_check,
+            &self.storage,
+        );
+        let mut all = vec![
+            (
+                "server.header_read_timeout".to_owned(),
+                s.header_read_timeout,
+                false,
+            ),
+            (
+                "server.body_read_timeout".to_owned(),
+                s.body_read_timeout,
+                false,
+            ),
+            (
+                "server.shutdown_timeout".to_owned(),
+                s.shutdown_timeout,
+                true,
+            ),
+            (
+                "server.write_stall_timeout".to_owned(),
+                s.write_stall_timeout,
+                false,
+            ),
+            ("upstream.retry_budget".to_owned(), u.retry_budget, true),
+            (
+                "upstream.pool_idle_timeout".to_owned(),
+                u.pool_idle_timeout,
+                true,
+            ),
+            ("health_check.interval".to_owned(), hc.interval, !hc.enabled),
+            ("health_check.timeout".to_owned(), hc.timeout, !hc.enabled),
+            (
+                "circuit_breaker.open_duration".to_owned(),
+                self.circuit_breaker.open_duration,
+                true,
+            ),
+            (
+                "storage.connect_timeout".to_owned(),
+                st.connect_timeout,
+                false,
+            ),
+            (
+                "storage.heartbeat_interval".to_owned(),
+                st.heartbeat_interval,
+                false,
+            ),
+            (
+                "auth.refresh_interval".to_owned(),
+                self.auth.refresh_interval,
+                false,
+            ),
+            (
+                "ledger.flush_interval".to_owned(),
+                self.ledger.flush_interval,
+                false,
+            ),
+        ];
+        for (i, b) in self.backends.iter().enumerate() {
+            for (field, d) in [
+                ("connect_timeout", b.connect_timeout),
+                ("request_timeout", b.request_timeout),
+                ("first_token_timeout", b.first_token_timeout),
+                ("stream_idle_timeout", b.stream_idle_timeout),
+            ] {
+                all.push((format!("backends[{i}].{field}"), d, false));
+            }
+        }
+        all
+    }
+
+    /// Each duration is within its bounds: above 0 where 0 would mean "never" or "spin",
+    /// and at most [`MAX_DURATION`] (`ledger.retention`: [`MAX_RETENTION`]), so that no
+    /// deadline computed from one can overflow.
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        for (key, d, zero_ok) in self.durations() {
+            if d.is_zero() && !zero_ok {
+                return Err(ConfigError::invalid(key, "must be > 0"));
+            }
+            if d > MAX_DURATION {
+                return Err(ConfigError::invalid(key, "must be at most 365 days"));
+            }
+        }
+        if self.ledger.retention > MAX_RETENTION {
+            return Err(ConfigError::invalid(
+                "ledger.retention",
+                "must be at most 100 years",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_storage(&self) -> Result<(), ConfigError> {
         let st = &self.storage;
         if let Some(url) = &st.database_url {
@@ -710,16 +809,6 @@ impl Config {
                 "storage.max_connections",
                 "must be >= 1",
             ));
-        }
-        for (key, d) in [
-            ("storage.connect_timeout", st.connect_timeout),
-            ("storage.heartbeat_interval", st.heartbeat_interval),
-            ("auth.refresh_interval", self.auth.refresh_interval),
-            ("ledger.flush_interval", self.ledger.flush_interval),
-        ] {
-            if d.is_zero() {
-                return Err(ConfigError::invalid(key, "must be > 0"));
-            }
         }
         let l = &self.ledger;
         if l.batch_size == 0 || l.batch_size > 10_000 {

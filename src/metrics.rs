@@ -94,6 +94,9 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    connections_open: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Times an accept loop stopped at `server.max_connections`.
+    pub connection_limit_reached: Counter,
     backend_up: Family<BackendLabels, Gauge>,
     backend_ejected: Family<BackendLabels, Gauge>,
     backend_in_flight: Family<BackendLabels, Gauge>,
@@ -199,6 +202,18 @@ impl Metrics {
             "1 while the circuit breaker keeps traffic away from the backend",
             backend_ejected.clone(),
         );
+        let connections_open = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "connections_open",
+            "Open client connections",
+            connections_open.clone(),
+        );
+        let connection_limit_reached = Counter::default();
+        registry.register(
+            "connection_limit_reached",
+            "Times the gateway stopped accepting connections at server.max_connections (new ones wait in the listen backlog)",
+            connection_limit_reached.clone(),
+        );
         let backend_in_flight = Family::<BackendLabels, Gauge>::default();
         registry.register(
             "backend_in_flight_requests",
@@ -290,6 +305,8 @@ impl Metrics {
             tokens,
             upstream_errors,
             in_flight,
+            connections_open,
+            connection_limit_reached,
             backend_up,
             backend_ejected,
             backend_in_flight,
@@ -390,6 +407,12 @@ impl Metrics {
         InFlight(self.in_flight.clone())
     }
 
+    /// A client connection opened; the guard counts it closed.
+    pub fn connection_opened(&self) -> InFlight {
+        self.connections_open.inc();
+        InFlight(self.connections_open.clone())
+    }
+
     /// Prometheus text exposition, with backend gauges read fresh.
     pub fn render(&self, backends: &[Arc<Backend>]) -> String {
         for b in backends {
@@ -419,7 +442,7 @@ impl Default for Metrics {
     }
 }
 
-/// Decrements the in-flight gauge when dropped.
+/// Decrements its gauge (in-flight requests, open connections) when dropped.
 #[derive(Debug)]
 pub struct InFlight(Gauge<i64, std::sync::atomic::AtomicI64>);
 

@@ -68,6 +68,18 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
             a.write_stall_timeout != b.write_stall_timeout,
         ),
         ("server.tcp_nodelay", a.tcp_nodelay != b.tcp_nodelay),
+        (
+            "server.max_connections",
+            a.max_connections != b.max_connections,
+        ),
+        (
+            "server.max_header_bytes",
+            a.max_header_bytes != b.max_header_bytes,
+        ),
+        (
+            "server.listen_backlog",
+            a.listen_backlog != b.listen_backlog,
+        ),
         ("storage", running.storage != new.storage),
         ("ledger", running.ledger != new.ledger),
         (

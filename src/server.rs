@@ -38,9 +38,10 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the addresses from `config.server`.
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        let api = TcpListener::bind(config.server.listen).await?;
+        let backlog = config.server.listen_backlog;
+        let api = bind(config.server.listen, backlog)?;
         let metrics = match config.server.metrics_listen {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
+            Some(addr) => Some(bind(addr, backlog)?),
             None => None,
         };
         Ok(Self { api, metrics })
@@ -56,7 +57,7 @@ impl Listeners {
         let api = adopt(passed.api)?;
         let metrics = match (passed.metrics, config.server.metrics_listen) {
             (Some(l), _) => Some(adopt(l)?),
-            (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
+            (None, Some(addr)) => Some(bind(addr, config.server.listen_backlog)?),
             (None, None) => None,
         };
         tracing::info!(
@@ -66,6 +67,19 @@ impl Listeners {
         );
         Ok(Self { api, metrics })
     }
+}
+
+/// Binds `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` does) and listens with
+/// `backlog` (the kernel caps it at `net.core.somaxconn`).
+fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Why the server could not run.
@@ -178,7 +192,8 @@ pub async fn serve_with_reload(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(config.server.header_read_timeout);
+        .header_read_timeout(config.server.header_read_timeout)
+        .max_buf_size(config.server.max_header_bytes);
     let conn = ConnCtx {
         builder: &builder,
         drain: &drain,
@@ -187,6 +202,8 @@ pub async fn serve_with_reload(
         first_request_grace: config.server.header_read_timeout,
         nodelay: config.server.tcp_nodelay,
         write_stall_timeout: config.server.write_stall_timeout,
+        max_connections: config.server.max_connections,
+        metrics: &state.metrics,
     };
 
     let api = routes::api(Arc::clone(&state), listeners.metrics.is_none());
@@ -255,6 +272,10 @@ pub async fn serve_with_reload(
     Ok(())
 }
 
+/// At most one "connection limit reached" warning per this interval (each time counts in
+/// `connection_limit_reached_total`).
+const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
+
 struct ConnCtx<'a> {
     builder: &'a http1::Builder,
     /// Cancelled when shutdown begins: connections finish their request and close.
@@ -266,12 +287,36 @@ struct ConnCtx<'a> {
     first_request_grace: Duration,
     nodelay: bool,
     write_stall_timeout: Duration,
+    /// Open connections per listener at most.
+    max_connections: usize,
+    metrics: &'a crate::metrics::Metrics,
 }
 
 impl ConnCtx<'_> {
-    /// Accepts until dropped; each connection runs as a tracked task.
+    /// Accepts until dropped; each connection runs as a tracked task. At
+    /// `max_connections` open connections it stops accepting (new ones wait in the
+    /// backlog) until one closes.
     async fn accept_loop(&self, listener: TcpListener, app: Router) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let mut warned: Option<tokio::time::Instant> = None;
         loop {
+            let slot = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    self.metrics.connection_limit_reached.inc();
+                    if warned.is_none_or(|t| t.elapsed() >= LIMIT_WARNING_EVERY) {
+                        warned = Some(tokio::time::Instant::now());
+                        tracing::warn!(
+                            max_connections = self.max_connections,
+                            "connection limit reached (server.max_connections): not accepting until a connection closes"
+                        );
+                    }
+                    match Arc::clone(&slots).acquire_owned().await {
+                        Ok(slot) => slot,
+                        Err(_) => return,
+                    }
+                }
+            };
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -298,14 +343,19 @@ impl ConnCtx<'_> {
             };
             let io = TokioIo::new(WriteStallGuard::new(stream, self.write_stall_timeout));
             let connection = self.builder.serve_connection(io, service);
-            self.tracker.spawn(serve_connection(
+            let open = self.metrics.connection_opened();
+            let served = serve_connection(
                 connection,
                 first,
                 self.drain.clone(),
                 self.hard_stop.clone(),
                 self.first_request_grace,
                 peer,
-            ));
+            );
+            self.tracker.spawn(async move {
+                served.await;
+                drop((slot, open));
+            });
         }
     }
 }

@@ -142,6 +142,31 @@ fn check_config_names_the_bad_key() {
             "ledger.batch_size: must be 1-10000",
         ),
         ("[ledger]\non_full = \"ignore\"\n", "ledger.on_full"),
+        // Durations so large that a deadline computed from them would overflow.
+        (
+            "[server]\nshutdown_timeout = \"100000years\"\n",
+            "server.shutdown_timeout: must be at most 365 days",
+        ),
+        (
+            "[ledger]\nflush_interval = \"400days\"\n",
+            "ledger.flush_interval: must be at most 365 days",
+        ),
+        (
+            "[circuit_breaker]\nopen_duration = \"1000years\"\n",
+            "circuit_breaker.open_duration: must be at most 365 days",
+        ),
+        (
+            "[[backends]]\nname = \"b\"\nbase_url = \"http://x/v1\"\nstream_idle_timeout = \"9999years\"\n",
+            "backends[0].stream_idle_timeout: must be at most 365 days",
+        ),
+        (
+            "[server]\nmax_header_bytes = 100\n",
+            "server.max_header_bytes: must be 8192-1048576",
+        ),
+        (
+            "[server]\nmax_connections = 0\n",
+            "server.max_connections: must be >= 1",
+        ),
     ];
     for (extra, expected) in cases {
         let path = temp_file("c.toml", &format!("{extra}\n{valid}"));

@@ -437,3 +437,77 @@ async fn a_client_that_stops_reading_is_disconnected_and_upstream_cancelled() {
     assert_eq!(health(&gw).await["backends"][0]["in_flight"], 0);
     drop(s);
 }
+
+/// A request head over `server.max_header_bytes` gets 431, so a connection cannot make the
+/// gateway buffer more than that while its headers trickle in.
+#[tokio::test]
+async fn oversized_request_headers_get_431() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "[server]\nmax_header_bytes = 16384\n")).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let filler = "a".repeat(32 * 1024);
+    let request = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n");
+    // The server may answer and close before it has read everything.
+    let _ = s.write_all(request.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    // Within the limit, the same request is served.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let filler = "a".repeat(8 * 1024);
+    s.write_all(
+        format!(
+            "GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+}
+
+/// At `server.max_connections` the gateway stops accepting: a further connection waits in
+/// the backlog (counted, logged) and is served as soon as another one closes. (Tried on the
+/// metrics listener, which has the same accept loop and no pooled test connection.)
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let up = mock().await;
+    let gw =
+        Gateway::start_with(&config_for(&[&up], "[server]\nmax_connections = 2\n"), true).await;
+    let addr = gw.metrics_addr.unwrap();
+    const GET: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(GET).await.unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        idle.push(s);
+    }
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
+    assert!(
+        waited.is_err(),
+        "answered beyond the limit: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(idle.pop());
+    tokio::time::timeout(Duration::from_secs(20), third.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let counted = metric(&text, "llm_gateway_connection_limit_reached_total").unwrap();
+    assert!(counted >= 1.0, "limit not counted");
+}
