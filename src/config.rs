@@ -107,6 +107,8 @@ pub struct Config {
 /// Longest duration any setting may have (one year): deadlines are computed by adding
 /// durations to the current time, and this keeps every sum far from overflowing.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest backend weight: ratios beyond a million to one mean nothing for traffic.
+pub const MAX_WEIGHT: u32 = 1_000_000;
 /// Longest `ledger.retention` (100 years).
 pub const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
@@ -374,6 +376,9 @@ pub struct AuthConfig {
     /// new, revoked or changed key takes to take effect.
     #[serde(with = "humantime_serde")]
     pub refresh_interval: Duration,
+    /// Completion tokens a request that sets no `max_tokens`/`max_completion_tokens`
+    /// reserves from its key's `tpm` limit up front (settled with the real use after).
+    pub reserve_completion_tokens: u64,
 }
 
 impl Default for AuthConfig {
@@ -381,6 +386,7 @@ impl Default for AuthConfig {
         Self {
             mode: AuthMode::Keys,
             refresh_interval: Duration::from_secs(5),
+            reserve_completion_tokens: 1024,
         }
     }
 }
@@ -629,8 +635,8 @@ impl Config {
                     "must not carry a query or credentials (use api_key)",
                 ));
             }
-            if b.weight == 0 {
-                return Err(ConfigError::invalid(key("weight"), "must be >= 1"));
+            if b.weight == 0 || b.weight > MAX_WEIGHT {
+                return Err(ConfigError::invalid(key("weight"), "must be 1-1000000"));
             }
             if b.max_concurrency == 0 {
                 return Err(ConfigError::invalid(key("max_concurrency"), "must be >= 1"));

@@ -343,8 +343,13 @@ async fn proxy(
             return Err(ApiError::ModelNotAllowed(model_name));
         }
         if let Some(limiter) = &key.limiter {
-            let estimate =
-                Tokens::estimate_from_bytes(raw.len()).saturating_add(head.max_output_tokens());
+            let completion = match endpoint {
+                Endpoint::Embeddings => 0,
+                _ => head
+                    .max_output_tokens()
+                    .unwrap_or(current.config.auth.reserve_completion_tokens),
+            };
+            let estimate = Tokens::estimate_from_bytes(raw.len()).saturating_add(completion);
             match limiter.acquire(estimate, state.limit_share()) {
                 Ok(grant) => {
                     record.limits = Some(grant.snapshot);
@@ -486,13 +491,12 @@ impl<'a> Head<'a> {
         serde_json::from_slice(raw).map_err(|e| ApiError::InvalidJson(e.to_string()))
     }
 
-    /// The most completion tokens the request allows (0 when it sets no bound): reserved
-    /// from a token rate limit up front, as OpenAI does.
-    fn max_output_tokens(&self) -> u64 {
+    /// The most completion tokens the request allows, when it sets a bound: reserved from
+    /// a token rate limit up front, as OpenAI does.
+    fn max_output_tokens(&self) -> Option<u64> {
         self.max_completion_tokens
             .or(self.max_tokens)
             .and_then(|v| v.get().parse::<u64>().ok())
-            .unwrap_or(0)
     }
 }
 

@@ -89,6 +89,10 @@ pub struct Limiter {
     state: Mutex<Buckets>,
 }
 
+/// How far below zero a token bucket may go, in buckets: a request that used far more than
+/// it reserved makes the key wait until that much has refilled (up to a day of its limit).
+const MAX_DEBT_BUCKETS: f64 = 1440.0;
+
 fn per_sec(limit: f64) -> f64 {
     limit / 60.0
 }
@@ -137,6 +141,7 @@ impl Limiter {
         let tpm = self.limits.tpm.map(|l| (l as f64 * share).max(1.0));
         // The buckets are plain numbers, valid whatever a panicking holder left.
         let mut b = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let asked = tokens;
         let tokens = tpm.map_or(0, |cap| tokens.min(cap as u64));
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         b.at = now;
@@ -169,7 +174,7 @@ impl Limiter {
                 return Err(Refusal {
                     kind: LimitKind::Tokens,
                     limit: cap as u64,
-                    requested: tokens,
+                    requested: asked,
                     retry_after: seconds((need - b.tokens) / per_sec(cap)),
                     snapshot: snapshot(&b),
                 });
@@ -188,15 +193,17 @@ impl Limiter {
     }
 
     /// Corrects a reservation of `estimated` tokens to the `actual` use: the difference is
-    /// returned to (or taken from) the bucket, which may go below zero.
+    /// returned to (or taken from) the bucket, which may go below zero: the debt is kept
+    /// (up to `MAX_DEBT_BUCKETS` buckets), so a key cannot exceed its limit by under-
+    /// estimating.
     pub fn settle(&self, estimated: u64, actual: u64) {
         let Some(cap) = self.limits.tpm else {
             return;
         };
         let cap = cap as f64;
         let mut b = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        // The debt a request can leave is one bucket: at most a minute of waiting.
-        b.tokens = (b.tokens + estimated as f64 - actual as f64).clamp(-cap, cap);
+        b.tokens =
+            (b.tokens + estimated as f64 - actual as f64).clamp(-cap * MAX_DEBT_BUCKETS, cap);
     }
 }
 
@@ -271,10 +278,38 @@ mod tests {
         l.settle(g.reserved, u64::MAX);
         let r = l.acquire(1, 1.0).unwrap_err();
         assert!(
-            r.retry_after <= Duration::from_secs(120),
+            r.retry_after <= Duration::from_secs(86_400),
             "{:?}",
             r.retry_after
         );
+    }
+
+    #[test]
+    fn a_request_that_used_far_more_than_it_reserved_leaves_its_debt() {
+        let l = Limiter::new(Limits {
+            rpm: None,
+            tpm: Some(1000),
+        });
+        let g = l.acquire(10, 1.0).unwrap();
+        // 100x the limit in one request: the key owes 99 minutes of its limit.
+        l.settle(g.reserved, 100_000);
+        let r = l.acquire(1, 1.0).unwrap_err();
+        assert_eq!(r.kind, LimitKind::Tokens);
+        assert!(
+            r.retry_after > Duration::from_secs(98 * 60),
+            "{:?}",
+            r.retry_after
+        );
+    }
+
+    #[test]
+    fn a_refusal_states_the_whole_estimate() {
+        let l = Limiter::new(Limits {
+            rpm: None,
+            tpm: Some(100),
+        });
+        l.acquire(100, 1.0).unwrap();
+        assert_eq!(l.acquire(5000, 1.0).unwrap_err().requested, 5000);
     }
 
     #[test]

@@ -164,6 +164,10 @@ fn check_config_names_the_bad_key() {
             "server.max_header_bytes: must be 8192-1048576",
         ),
         (
+            "[[backends]]\nname = \"b\"\nbase_url = \"http://x/v1\"\nweight = 4294967295\n",
+            "backends[0].weight: must be 1-1000000",
+        ),
+        (
             "[server]\nmax_connections = 0\n",
             "server.max_connections: must be >= 1",
         ),

@@ -296,6 +296,38 @@ async fn token_reservations_are_settled_with_real_usage(db: Db) {
         "a request bigger than what is left must wait"
     );
     assert_eq!(error_of(r).await["type"], "tokens");
+    let message = error_of(s.post(Some(&key.secret), &body).await).await["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("Requested 50"),
+        "the whole estimate (5000 + the prompt), not the bucket size: {message}"
+    );
+
+    // Without max_tokens, a request still reserves auth.reserve_completion_tokens (1024).
+    let another = s
+        .key(
+            None,
+            Limits {
+                rpm: None,
+                tpm: Some(1500),
+            },
+            None,
+        )
+        .await;
+    s.until_accepted(&another.secret).await;
+    let r = s.post(Some(&another.secret), &chat_body(true)).await;
+    assert_eq!(r.status(), 200);
+    let remaining: u64 = r.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining <= 1500 - 1024,
+        "remaining {remaining}: nothing reserved for the completion"
+    );
 }
 
 async fn every_request_is_in_the_ledger_once_with_its_figures(db: Db) {

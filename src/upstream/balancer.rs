@@ -33,14 +33,14 @@ pub fn pick(routes: &[Route], tried: &[usize]) -> Result<(usize, Attempt), PickE
     }
     let mut rng = rand::rng();
     while !candidates.is_empty() {
-        let first = weighted(&candidates, routes, &mut rng);
+        let weights: Vec<u64> = candidates
+            .iter()
+            .map(|&i| u64::from(routes[i].backend.weight))
+            .collect();
+        let first = draw(&weights, None, &mut rng);
         let chosen = if candidates.len() > 1 {
-            let second = loop {
-                let c = weighted(&candidates, routes, &mut rng);
-                if c != first {
-                    break c;
-                }
-            };
+            // From the others' total weight: one draw, whatever the weights.
+            let second = draw(&weights, Some(first), &mut rng);
             let (a, b) = (
                 &routes[candidates[first]].backend,
                 &routes[candidates[second]].backend,
@@ -73,19 +73,54 @@ pub fn pick(routes: &[Route], tried: &[usize]) -> Result<(usize, Attempt), PickE
     }
 }
 
-/// A position in `candidates`, chosen with probability proportional to weight.
-fn weighted(candidates: &[usize], routes: &[Route], rng: &mut impl rand::Rng) -> usize {
-    let total: u64 = candidates
-        .iter()
-        .map(|&i| u64::from(routes[i].backend.weight))
-        .sum();
+/// A position in `weights` other than `exclude`, chosen with probability proportional to
+/// its weight among the others (one random number, one pass).
+fn draw(weights: &[u64], exclude: Option<usize>, rng: &mut impl rand::Rng) -> usize {
+    let weight = |pos: usize| {
+        if Some(pos) == exclude {
+            0
+        } else {
+            weights[pos]
+        }
+    };
+    let total: u64 = (0..weights.len()).map(weight).sum();
     let mut r = rng.random_range(0..total.max(1));
-    for (pos, &i) in candidates.iter().enumerate() {
-        let w = u64::from(routes[i].backend.weight);
+    let mut last = 0;
+    for pos in 0..weights.len() {
+        let w = weight(pos);
+        if w == 0 {
+            continue;
+        }
         if r < w {
             return pos;
         }
         r -= w;
+        last = pos;
     }
-    candidates.len() - 1
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::draw;
+
+    #[test]
+    fn the_second_draw_never_repeats_the_first_whatever_the_weights() {
+        let mut rng = rand::rng();
+        for _ in 0..1000 {
+            assert_eq!(draw(&[u64::from(u32::MAX), 1], Some(0), &mut rng), 1);
+            assert_eq!(draw(&[1, u64::from(u32::MAX), 1], Some(1), &mut rng) % 2, 0);
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_weights() {
+        let mut rng = rand::rng();
+        let mut hits = [0u32; 2];
+        for _ in 0..10_000 {
+            hits[draw(&[3, 1], None, &mut rng)] += 1;
+        }
+        // Expected 7500 : 2500; far outside chance either way.
+        assert!((7000..8000).contains(&hits[0]), "{hits:?}");
+    }
 }
