@@ -9,6 +9,7 @@ pub mod authn;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub(crate) mod held_body;
 pub mod ledger;
 pub mod metrics;
 pub mod mock;

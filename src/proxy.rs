@@ -13,15 +13,14 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::accounting::Record;
 use crate::authn::Caller;
 use crate::error::{
     ApiError, rate_limit_headers, sanitize_upstream_error, upstream_status_is_clients,
 };
+use crate::held_body::{Guards, HeldBody};
 use crate::ledger::Refusal;
-use crate::metrics::InFlight;
 use crate::ratelimit::LimitKind;
 use crate::relay::{Relay, StreamSummary};
 use crate::sse::SseScanner;
@@ -109,12 +108,6 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, request: Request) ->
     handle(state, Endpoint::Embeddings, request).await
 }
 
-/// Held for as long as the request (or its stream) lives.
-struct Guards {
-    _permit: OwnedSemaphorePermit,
-    _in_flight: InFlight,
-}
-
 /// A successful upstream answer, before it becomes a response.
 enum Reply {
     /// The whole body (non-streaming, or a backend that answered a stream request in one).
@@ -165,8 +158,8 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         return fail(&mut record, ApiError::Overloaded);
     };
     let guards = Guards {
-        _permit: permit,
-        _in_flight: state.metrics.in_flight(),
+        permit,
+        in_flight: state.metrics.in_flight(),
     };
     let Proxied {
         reply,
@@ -193,7 +186,8 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
                 )
             };
             record.finish(200, Some(tokens), None, Outcome::Complete);
-            let mut response = Response::new(Body::from(body));
+            // The permit is released once the connection has taken the body.
+            let mut response = Response::new(Body::new(HeldBody::new(body, guards)));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, content_type);
             if let Some(limits) = &record.limits {

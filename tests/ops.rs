@@ -511,3 +511,48 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
     let counted = metric(&text, "llm_gateway_connection_limit_reached_total").unwrap();
     assert!(counted >= 1.0, "limit not counted");
 }
+
+/// A whole answer a client is slow to read keeps its request counted in flight (and its
+/// concurrency permit held) until the connection has taken it, so the memory of answers
+/// waiting to be written is bounded by `max_concurrent_requests`.
+#[tokio::test]
+async fn a_large_answer_holds_its_permit_until_the_client_has_taken_it() {
+    // About 20 MB: more than the loopback socket buffers hold.
+    let up = mock_with(MockBehavior {
+        chunks: 2_000_000,
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let body = serde_json::to_string(&chat_body(false)).unwrap();
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The handler is done once the request is counted.
+    let requests = "llm_gateway_requests_total{endpoint=\"chat_completions\",model=\"m\",backend=\"b0\",status=\"200\"}";
+    wait_for_async("the request finished", Duration::from_secs(30), || async {
+        metric(&metrics_text(&gw).await, requests) == Some(1.0)
+    })
+    .await;
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(&m, "llm_gateway_in_flight_requests"),
+        Some(1.0),
+        "the answer is not written yet, but its permit was released"
+    );
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.len() > 10_000_000);
+    wait_for_async("the permit released", Duration::from_secs(10), || async {
+        metric(&metrics_text(&gw).await, "llm_gateway_in_flight_requests") == Some(0.0)
+    })
+    .await;
+}
