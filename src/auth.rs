@@ -212,31 +212,34 @@ impl KeyTable {
     }
 }
 
-/// Reloads `table` from the database every `interval` until `stop`. A failed reload keeps
-/// the last table (a database blip must not turn into 401s) and is counted.
+/// Reloads `table` from the database every `auth.refresh_interval` until `stop`, each
+/// reload bounded by `storage.query_timeout`. A failed reload keeps the last table (a
+/// database blip must not turn into 401s) and is counted.
 pub async fn refresh(
     state: Arc<crate::state::AppState>,
     store: crate::store::Store,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        // Read each round: a reload may change it.
-        let interval = state.current().config.auth.refresh_interval;
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
-        match store.list_keys().await {
-            Ok(rows) => {
+    let task = crate::periodic::Periodic::new("key refresh", stop);
+    // Read each round: a reload may change it.
+    while task
+        .pause(state.current().config.auth.refresh_interval, None)
+        .await
+    {
+        let timeout = state.current().config.storage.query_timeout;
+        let error = match task.step(timeout, store.list_keys()).await {
+            Ok(Ok(rows)) => {
                 state.keys.replace(rows);
                 state.db_up.store(true, Ordering::Relaxed);
+                continue;
             }
-            Err(e) => {
-                state.metrics.key_refresh_failures.inc();
-                state.db_up.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %e, "cannot reload API keys; keeping the last table");
-            }
-        }
+            Ok(Err(e)) => e.to_string(),
+            Err(crate::periodic::Cut::TimedOut) => "timed out".to_owned(),
+            Err(crate::periodic::Cut::Stopped) => return,
+        };
+        state.metrics.key_refresh_failures.inc();
+        state.db_up.store(false, Ordering::Relaxed);
+        tracing::warn!(error = %error, "cannot reload API keys; keeping the last table");
     }
 }
 

@@ -323,6 +323,11 @@ pub struct StorageConfig {
     /// How often this instance writes its heartbeat to the instance registry.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// Longest time one background database step (a key reload, a heartbeat, a ledger
+    /// batch) may take before it is cut short and retried later; also PostgreSQL's
+    /// `statement_timeout` for the gateway's connections.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
 }
 
 impl Default for StorageConfig {
@@ -334,6 +339,7 @@ impl Default for StorageConfig {
             max_connections: 8,
             connect_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(10),
+            query_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -740,6 +746,7 @@ impl Config {
                 st.heartbeat_interval,
                 false,
             ),
+            ("storage.query_timeout".to_owned(), st.query_timeout, false),
             (
                 "auth.refresh_interval".to_owned(),
                 self.auth.refresh_interval,

@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod mock;
 pub mod ops;
+pub mod periodic;
 pub mod proxy;
 pub mod ratelimit;
 pub mod registry;

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::periodic::{Cut, Periodic};
 use crate::state::AppState;
 use crate::store::instances::InstanceRow;
 use crate::store::{Store, StoreError, now_ms};
@@ -51,7 +52,8 @@ pub async fn register(store: &Store, id: &str, config: &Config) -> Result<(), St
         .await
 }
 
-/// Beats every `interval` until `stop`, and keeps `state`'s live-instance count current.
+/// Beats every `interval` until `stop` (each beat bounded by `storage.query_timeout`), and
+/// keeps `state`'s live-instance count current.
 pub async fn heartbeat(
     state: Arc<AppState>,
     store: Store,
@@ -59,27 +61,29 @@ pub async fn heartbeat(
     stop: CancellationToken,
 ) {
     let stale_ms = i64::try_from((interval * MISSED_BEATS).as_millis()).unwrap_or(i64::MAX);
+    let task = Periodic::new("registry heartbeat", stop);
     loop {
-        let result = async {
+        let beat = async {
             // The hash of the configuration in effect, which a reload may have changed.
             let config_hash = state.current().config_hash.clone();
             store.heartbeat(&state.instance_id, &config_hash).await?;
             store.live_instances(now_ms() - stale_ms).await
-        }
-        .await;
-        match result {
-            Ok(n) => {
+        };
+        let timeout = state.current().config.storage.query_timeout;
+        match task.step(timeout, beat).await {
+            Ok(Ok(n)) => {
                 state.set_live_instances(usize::try_from(n).unwrap_or(1));
                 state.db_up.store(true, Ordering::Relaxed);
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 state.db_up.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "instance heartbeat failed");
             }
+            Err(Cut::TimedOut) => state.db_up.store(false, Ordering::Relaxed),
+            Err(Cut::Stopped) => return,
         }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+        if !task.pause(interval, None).await {
+            return;
         }
     }
 }

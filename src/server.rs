@@ -155,10 +155,12 @@ pub async fn serve_with_reload(
     let connections = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let stop_ledger = CancellationToken::new();
+    let stop_background = CancellationToken::new();
     tracker.spawn(Arc::clone(&state.ledger).run_shipper(
         store.clone(),
+        config.storage.query_timeout,
         stop_ledger.clone(),
-        config.server.shutdown_timeout,
+        stop_background.clone(),
     ));
     tracker.spawn(auth::refresh(
         Arc::clone(&state),
@@ -241,8 +243,13 @@ pub async fn serve_with_reload(
     let in_flight = state.metrics.in_flight_requests();
     systemd::stopping(in_flight);
     stop_accepting.cancel();
-    // The deadline in effect now: a reload may have changed it.
+    // One deadline for the whole shutdown (the timeout in effect now: a reload may have
+    // changed it). Requests get it but a reserve, kept for the ledger's last flush and the
+    // registry; what cannot be done by the deadline is left (unshipped records stay in the
+    // spool for the next start).
     let shutdown_timeout = state.current().config.server.shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    let requests_deadline = deadline - (shutdown_timeout / 5).min(SHUTDOWN_RESERVE);
     tracing::info!(
         timeout = ?shutdown_timeout,
         in_flight,
@@ -250,7 +257,7 @@ pub async fn serve_with_reload(
     );
     drain.cancel();
     connections.close();
-    let drained = tokio::time::timeout(shutdown_timeout, connections.wait()).await;
+    let drained = tokio::time::timeout_at(requests_deadline, connections.wait()).await;
     if drained.is_err() {
         tracing::warn!("shutdown timeout reached: closing remaining connections");
         hard_stop.cancel();
@@ -259,18 +266,45 @@ pub async fn serve_with_reload(
     // Every request has finished and written its record: ship what is left.
     stop_ledger.cancel();
     tracker.close();
-    tracker.wait().await;
+    if tokio::time::timeout_at(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        // Every background step races this token: they end at once.
+        stop_background.cancel();
+        tracker.wait().await;
+    }
     // The watchdog keeps pinging until everything else has finished.
     stop_systemd.cancel();
     notifier.close();
     notifier.wait().await;
-    if let Err(e) = store.mark_stopped(&state.instance_id).await {
-        tracing::warn!(error = %e, "cannot mark this instance stopped in the registry");
+    let last = (deadline.max(tokio::time::Instant::now() + LAST_WORDS))
+        .min(tokio::time::Instant::now() + config.storage.query_timeout);
+    match tokio::time::timeout_at(last, store.mark_stopped(&state.instance_id)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot mark this instance stopped in the registry")
+        }
+        Err(_) => {
+            tracing::warn!("the database did not answer; this instance is not marked stopped")
+        }
     }
-    store.close().await;
+    if tokio::time::timeout(LAST_WORDS, store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database connections not closed cleanly");
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
+
+/// Part of `server.shutdown_timeout` (at most a fifth) kept after in-flight requests for
+/// the ledger's last flush and the registry.
+const SHUTDOWN_RESERVE: Duration = Duration::from_secs(5);
+/// Least time given to marking the instance stopped and closing the database pool, even
+/// when the deadline has passed.
+const LAST_WORDS: Duration = Duration::from_millis(500);
 
 /// At most one "connection limit reached" warning per this interval (each time counts in
 /// `connection_limit_reached_total`).

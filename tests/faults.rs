@@ -508,6 +508,72 @@ async fn sigterm_flushes_the_ledger_before_exit() {
     assert_ledger_has_each_once(&store, &ids).await;
 }
 
+/// A PostgreSQL that stops answering (SIGSTOP, connections left open) does not hang the
+/// shutdown: at SIGTERM the process exits within `shutdown_timeout` (and a little for the
+/// registry), and what it could not ship is shipped by the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_hung_database_exits_within_the_bound_and_ships_at_the_next_start() {
+    let Setup {
+        cluster,
+        url,
+        config,
+        dir: _dir,
+        _up,
+    } = setup(HOLD_BACK).await;
+    let env = [
+        ("LLM_GATEWAY__SERVER__SHUTDOWN_TIMEOUT", "2s"),
+        ("LLM_GATEWAY__STORAGE__QUERY_TIMEOUT", "1s"),
+        ("LLM_GATEWAY__STORAGE__HEARTBEAT_INTERVAL", "200ms"),
+        ("LLM_GATEWAY__AUTH__REFRESH_INTERVAL", "200ms"),
+    ];
+    let mut gw = spawn(&config, &env).await;
+    let ids = send_each(&gw.url, "hung", 10, true).await;
+    cluster.freeze();
+    // Let the heartbeat and key refresh get stuck on the frozen server first.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let h: serde_json::Value = client()
+            .get(format!("{}/health", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["database"]["state"] == "down" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the frozen database never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let signalled = Instant::now();
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(status) = gw.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "still running 15 s after SIGTERM with the database hung"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    eprintln!("exit after SIGTERM with the database hung: {took:?}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "exit took {took:?}: shutdown_timeout 2 s, plus at most 1 s for the registry"
+    );
+    cluster.thaw();
+    let store = store_at(&url).await;
+    let _gw = spawn(&config, &[("LLM_GATEWAY__LEDGER__FLUSH_INTERVAL", "50ms")]).await;
+    assert_ledger_has_each_once(&store, &ids).await;
+}
+
 /// In-process gateway on `url` with the given extra TOML (auth, ledger).
 async fn in_process(
     url: &str,

@@ -2,6 +2,7 @@
 //! spool only behind what the database has taken (or has refused for the record's own
 //! content, see `StoreError::kind`). Also syncs the spool and applies retention.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::spool::Batch;
 use super::{Ledger, gauge, lock};
+use crate::periodic::{Cut, Periodic};
 use crate::store::error::FailureKind;
 use crate::store::{Store, StoreError, now_ms};
 
@@ -29,7 +31,12 @@ impl Ledger {
     /// until a batch comes back short of `batch_size` (the reader caught up with the
     /// writers), so that under steady load the shipper still gets back to syncing and
     /// retention. Stops at the first failure the database may recover from.
-    async fn ship_all(&self, store: &Store, until_empty: bool) -> Result<(), Stalled> {
+    async fn ship_all(
+        &self,
+        store: &Store,
+        until_empty: bool,
+        timeout: Duration,
+    ) -> Result<(), Stalled> {
         loop {
             self.pending.store(0, Ordering::Relaxed);
             let batch = self
@@ -65,13 +72,13 @@ impl Ledger {
                 self.metrics.lag_ms.set((now_ms() - oldest.ts_ms).max(0));
             }
             let (array, unreadable) = json_array(batch.records.iter().map(Vec::as_slice));
-            match store.insert_usage_json(&array).await {
+            match bounded(timeout, store.insert_usage_json(&array)).await {
                 Ok(new) => {
                     self.metrics.written.inc_by(new);
                 }
                 Err(e) if e.kind() == FailureKind::BadRecord => {
                     tracing::warn!(error = %e, "usage batch refused; inserting its records one by one");
-                    self.ship_one_by_one(store, &batch).await?;
+                    self.ship_one_by_one(store, &batch, timeout).await?;
                 }
                 Err(e) => return Err(self.database_failed(&e, batch.records.len())),
             }
@@ -104,13 +111,18 @@ impl Ledger {
     /// content is appended to `rejected.jsonl` (and counted as dropped), and the spool is
     /// committed just past it at once, so it is never set aside twice. Any other failure
     /// stops the round with the rest kept.
-    async fn ship_one_by_one(&self, store: &Store, batch: &Batch) -> Result<(), Stalled> {
+    async fn ship_one_by_one(
+        &self,
+        store: &Store,
+        batch: &Batch,
+        timeout: Duration,
+    ) -> Result<(), Stalled> {
         for (raw, end) in batch.records.iter().zip(&batch.ends) {
             let (one, unreadable) = json_array(std::iter::once(raw.as_slice()));
             if unreadable > 0 {
                 continue; // counted with the batch
             }
-            match store.insert_usage_json(&one).await {
+            match bounded(timeout, store.insert_usage_json(&one)).await {
                 Ok(n) => {
                     self.metrics.written.inc_by(n);
                 }
@@ -150,15 +162,17 @@ impl Ledger {
 
     /// The shipper: ships whenever a batch is full or `flush_interval` passed, backs off
     /// while the database fails, writes held records back into the spool, syncs the spool,
-    /// applies retention. When `stop` fires it ships what is left (for up to
-    /// `drain_timeout`) and returns; what could not be shipped stays in the spool for the
-    /// next start.
+    /// applies retention; each database step is bounded by `query_timeout`. When `stop`
+    /// fires it ships what is left until that is done or `hard_stop` fires, and returns;
+    /// what could not be shipped stays in the spool for the next start.
     pub async fn run_shipper(
         self: Arc<Self>,
         store: Store,
+        query_timeout: Duration,
         stop: CancellationToken,
-        drain_timeout: Duration,
+        hard_stop: CancellationToken,
     ) {
+        let task = Periodic::new("ledger shipper", stop);
         let mut failures = 0u32;
         let mut last_retention: Option<tokio::time::Instant> = None;
         let mut last_sync = tokio::time::Instant::now();
@@ -171,27 +185,24 @@ impl Ledger {
                     .saturating_mul(2u32.saturating_pow(failures.min(8)))
                     .min(MAX_BACKOFF)
             };
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = self.wake.notified(), if failures == 0 => {}
-                () = tokio::time::sleep(wait) => {}
+            let wake = (failures == 0).then_some(&self.wake);
+            if !task.pause(wait, wake).await {
+                break;
             }
             self.flush_held();
-            match self.ship_all(&store, false).await {
-                Ok(()) => failures = 0,
-                Err(Stalled) => failures = failures.saturating_add(1),
+            match task
+                .unless_stopped(self.ship_all(&store, false, query_timeout))
+                .await
+            {
+                Ok(Ok(())) => failures = 0,
+                Ok(Err(Stalled)) | Err(Cut::TimedOut) => failures = failures.saturating_add(1),
+                Err(Cut::Stopped) => break,
             }
             // Shipping may have made room for what is held.
             self.flush_held();
             if last_sync.elapsed() >= self.config.flush_interval {
                 last_sync = tokio::time::Instant::now();
-                // fdatasync can take milliseconds: not on a runtime worker.
-                let me = Arc::clone(&self);
-                match tokio::task::spawn_blocking(move || me.spool.sync()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the usage spool"),
-                    Err(e) => tracing::warn!(error = %e, "spool sync task failed"),
-                }
+                self.sync().await;
             }
             if !self.config.retention.is_zero()
                 && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
@@ -201,11 +212,14 @@ impl Ledger {
                     now_ms() - i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
                 // A bounded amount per round, so a large backlog neither delays shipping
                 // nor shutdown; the next round goes on where this one stopped.
-                match store
-                    .delete_usage_before(cutoff, RETENTION_BATCHES_PER_ROUND)
-                    .await
-                {
-                    Ok((n, done)) => {
+                let deleted = task
+                    .step(
+                        query_timeout,
+                        store.delete_usage_before(cutoff, RETENTION_BATCHES_PER_ROUND),
+                    )
+                    .await;
+                match deleted {
+                    Ok(Ok((n, done))) => {
                         if n > 0 {
                             tracing::info!(deleted = n, "usage retention applied");
                         }
@@ -213,30 +227,36 @@ impl Ledger {
                             last_retention = None;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "usage retention failed"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "usage retention failed"),
+                    Err(_) => {}
                 }
             }
         }
-        let drained = tokio::time::timeout(drain_timeout, async {
-            loop {
-                let held_done = self.flush_held();
-                if self.ship_all(&store, true).await.is_ok() && held_done {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        // The last flush: until everything is shipped, or the hard stop.
+        let drain = Periodic::new("ledger flush", hard_stop);
+        let flushed = loop {
+            let held_done = self.flush_held();
+            match drain
+                .unless_stopped(self.ship_all(&store, true, query_timeout))
+                .await
+            {
+                Ok(Ok(())) if held_done => break true,
+                Err(Cut::Stopped) => break false,
+                _ => {}
             }
-        })
-        .await;
-        if let Err(e) = self.spool.sync() {
-            tracing::warn!(error = %e, "cannot sync the usage spool");
-        }
+            if !drain.pause(Duration::from_millis(200), None).await {
+                break false;
+            }
+        };
+        self.sync().await;
         let held = self.held_records();
-        match drained {
-            Ok(()) => tracing::info!("usage ledger flushed"),
-            Err(_) => tracing::warn!(
+        if flushed {
+            tracing::info!("usage ledger flushed");
+        } else {
+            tracing::warn!(
                 spool_bytes = self.spool.bytes(),
                 "usage ledger not fully flushed; the rest ships at the next start"
-            ),
+            );
         }
         if held > 0 {
             self.metrics.dropped.inc_by(held as u64);
@@ -246,6 +266,27 @@ impl Ledger {
             );
         }
     }
+
+    /// fdatasyncs the spool, off the async workers (it can take milliseconds).
+    async fn sync(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || me.spool.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the usage spool"),
+            Err(e) => tracing::warn!(error = %e, "spool sync task failed"),
+        }
+    }
+}
+
+/// `insert` for at most `timeout`; running over it is a transient failure (the database
+/// stopped answering), so the records stay in the spool.
+async fn bounded(
+    timeout: Duration,
+    insert: impl Future<Output = Result<u64, StoreError>>,
+) -> Result<u64, StoreError> {
+    tokio::time::timeout(timeout, insert)
+        .await
+        .unwrap_or(Err(StoreError::TimedOut))
 }
 
 /// Joins records into one JSON array for the database, skipping any that is not JSON

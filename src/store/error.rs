@@ -26,6 +26,9 @@ pub enum StoreError {
     /// A query failed.
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    /// The database did not answer within `storage.query_timeout`.
+    #[error("the database did not answer within storage.query_timeout")]
+    TimedOut,
     /// A stored value is not what this version expects.
     #[error("database holds an invalid value: {0}")]
     Corrupt(String),

@@ -81,7 +81,12 @@ impl Store {
                     .map_err(|e| StoreError::Url(format!("storage.database_password: {e}")))?;
                 options = options.password(secret.expose());
             }
-            options = options.application_name("llm-gateway");
+            // A statement that runs longer than a background step may wait is ended by the
+            // server too, so it does not hold locks after the gateway gave up on it.
+            let statement_timeout = format!("{}ms", st.query_timeout.as_millis());
+            options = options
+                .application_name("llm-gateway")
+                .options([("statement_timeout", statement_timeout.as_str())]);
             let pool = PgPoolOptions::new()
                 .max_connections(st.max_connections)
                 .acquire_timeout(st.connect_timeout)

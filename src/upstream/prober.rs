@@ -6,6 +6,7 @@ use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthCheckConfig;
+use crate::periodic::{Cut, Periodic};
 
 use super::Backend;
 use crate::state::AppState;
@@ -14,6 +15,7 @@ use crate::state::AppState;
 /// `cancel` fires; a reload changes what is probed and how from the next round on. The
 /// request path only reads the cached result, so a slow backend never slows a request.
 pub async fn run(state: Arc<AppState>, cancel: CancellationToken) {
+    let task = Periodic::new("health probes", cancel);
     loop {
         let current = state.current();
         let cfg = &current.config.health_check;
@@ -27,9 +29,12 @@ pub async fn run(state: Arc<AppState>, cancel: CancellationToken) {
                 }
                 b.record_probe(result, cfg.healthy_threshold, cfg.unhealthy_threshold);
             });
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = join_all(probes) => {}
+            // Each probe has its own timeout; the round's bound is only a backstop.
+            let bound = cfg
+                .timeout
+                .saturating_add(std::time::Duration::from_secs(1));
+            if task.step(bound, join_all(probes)).await == Err(Cut::Stopped) {
+                return;
             }
         }
         // Disabled: look again after a while, in case a reload turned probing on.
@@ -39,9 +44,8 @@ pub async fn run(state: Arc<AppState>, cancel: CancellationToken) {
             IDLE_RECHECK
         };
         drop(current);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
+        if !task.pause(pause, None).await {
+            return;
         }
     }
 }
