@@ -34,6 +34,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("The request body was not received in time.")]
     BodyTimeout,
+    #[error("The request body could not be read (a broken chunked encoding or connection).")]
+    BodyBroken,
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: usize },
     #[error("The model `{0}` does not exist or you do not have access to it.")]
@@ -99,7 +101,9 @@ impl ApiError {
     /// HTTP status sent to the client.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidJson(_) | Self::InvalidParam { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::InvalidParam { .. } | Self::BodyBroken => {
+                StatusCode::BAD_REQUEST
+            }
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -128,6 +132,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyTimeout => "body_timeout",
+            Self::BodyBroken => "invalid_body",
             Self::ModelNotFound(_) => "model_not_found",
             Self::UnknownPath(_) => "unknown_path",
             Self::MethodNotAllowed(_) => "method_not_allowed",
@@ -285,6 +290,18 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let own_message = self.to_string();
         let body = match &self {
+            // A 502: the gateway's own type and code (`upstream_status`), the backend's
+            // message (cleaned) when it sent one.
+            Self::UpstreamStatus {
+                body: Some(upstream),
+                ..
+            } if status == StatusCode::BAD_GATEWAY => Body {
+                message: &upstream.message,
+                kind: self.error_type(),
+                param: None,
+                code: Some(self.code()),
+            },
+            // The client's own mistake (400/413/422) or the backend's 429: passed on.
             Self::UpstreamStatus {
                 body: Some(upstream),
                 ..
@@ -314,6 +331,10 @@ impl IntoResponse for ApiError {
         match &self {
             Self::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The rest of the body may not have been read: the connection cannot be reused.
+            Self::BodyTooLarge { .. } | Self::BodyTimeout | Self::BodyBroken => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::RateLimited(r) => rate_limit_headers(headers, &r.snapshot),
             _ => {}

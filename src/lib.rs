@@ -20,6 +20,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod relay;
 pub mod reload;
+pub(crate) mod request_body;
 pub mod routes;
 pub mod secret;
 pub mod server;

@@ -281,7 +281,8 @@ async fn proxy(
 ) -> Result<Proxied, ApiError> {
     let request_id = record.request_id.clone();
     let server = &current.config.server;
-    let raw = read_body(request, server.max_body_bytes, server.body_read_timeout).await?;
+    let raw =
+        crate::request_body::read(request, server.max_body_bytes, server.body_read_timeout).await?;
     let head = Head::parse(&raw)?;
     let model_name = match head.model {
         None => return Err(ApiError::missing("model")),
@@ -727,43 +728,4 @@ async fn read_capped(
             }
         }
     }
-}
-
-/// Checks the content type and size and reads the body.
-async fn read_body(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
-    if let Some(ct) = request.headers().get(header::CONTENT_TYPE) {
-        let essence = ct
-            .to_str()
-            .unwrap_or("")
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim();
-        if !essence.eq_ignore_ascii_case("application/json") {
-            return Err(ApiError::UnsupportedMediaType(essence.to_owned()));
-        }
-    }
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::BodyTooLarge { limit });
-    }
-    let read = axum::body::to_bytes(request.into_body(), limit);
-    let raw = match tokio::time::timeout(timeout, read).await {
-        Err(_) => return Err(ApiError::BodyTimeout),
-        Ok(Ok(raw)) => raw,
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            return Err(if too_large {
-                ApiError::BodyTooLarge { limit }
-            } else {
-                ApiError::InvalidJson("the request body could not be read".to_owned())
-            });
-        }
-    };
-    Ok(raw)
 }

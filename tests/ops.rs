@@ -556,3 +556,73 @@ async fn a_large_answer_holds_its_permit_until_the_client_has_taken_it() {
     })
     .await;
 }
+
+/// A client that writes its whole over-limit body before it reads (as Node's `fetch` does)
+/// still gets the 413, with `Connection: close`, instead of a broken pipe.
+#[tokio::test]
+async fn an_over_limit_body_written_whole_before_reading_gets_its_413() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let body = vec![b' '; 5 << 20];
+    for chunked in [false, true] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let head = if chunked {
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n"
+                .to_owned()
+        } else {
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n",
+                body.len()
+            )
+        };
+        s.write_all(head.as_bytes()).await.unwrap();
+        if chunked {
+            for part in body.chunks(64 * 1024) {
+                s.write_all(format!("{:x}\r\n", part.len()).as_bytes())
+                    .await
+                    .unwrap();
+                s.write_all(part).await.unwrap();
+                s.write_all(b"\r\n").await.unwrap();
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+        } else {
+            s.write_all(&body).await.expect("the whole body is taken");
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(
+            text.starts_with("http/1.1 413"),
+            "chunked {chunked}: {text}"
+        );
+        assert!(text.contains("connection: close"), "{text}");
+        assert!(text.contains("body_too_large"), "{text}");
+    }
+}
+
+/// A chunked body that breaks off is reported as such, not as bad JSON.
+#[tokio::test]
+async fn a_broken_chunked_body_gets_its_own_code() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\nzz-not-a-chunk-size\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("\"code\":\"invalid_body\""), "{text}");
+}

@@ -120,6 +120,10 @@ async fn attempts_are_bounded() {
         body["error"]["message"], "mock failure 502",
         "sanitised upstream message"
     );
+    assert_eq!(
+        body["error"]["code"], "upstream_status",
+        "the gateway's own code, as README's error table says"
+    );
     let total: u64 = mocks.iter().map(requests).sum();
     assert_eq!(total, 2);
 }
@@ -677,6 +681,9 @@ async fn with_a_single_misconfigured_backend_the_client_gets_502() {
     let gw = Gateway::start(&config_for(&[&wrong_key], "")).await;
     let r = chat(&gw, false).await;
     assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_status", "{body}");
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
 }
 
 #[tokio::test]
