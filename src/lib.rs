@@ -21,6 +21,7 @@ pub mod registry;
 pub mod relay;
 pub mod reload;
 pub(crate) mod request_body;
+pub(crate) mod rewrite;
 pub mod routes;
 pub mod secret;
 pub mod server;

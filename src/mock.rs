@@ -80,6 +80,8 @@ pub struct MockState {
 pub struct SeenRequest {
     /// The JSON body.
     pub body: Value,
+    /// The body's bytes as received.
+    pub raw: bytes::Bytes,
     /// The `Authorization` header.
     pub authorization: Option<String>,
     /// The `x-request-id` header.
@@ -222,6 +224,7 @@ async fn begin(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(SeenRequest {
         body: request.clone(),
+        raw: bytes::Bytes::copy_from_slice(body),
         authorization: text(header::AUTHORIZATION.as_str()),
         request_id: text("x-request-id"),
     });

@@ -12,7 +12,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
 use crate::accounting::Record;
 use crate::authn::Caller;
@@ -23,12 +22,13 @@ use crate::held_body::{Guards, HeldBody};
 use crate::ledger::Refusal;
 use crate::ratelimit::LimitKind;
 use crate::relay::{Relay, StreamSummary};
+use crate::rewrite::Rewriter;
 use crate::sse::SseScanner;
 use crate::state::{AppState, Configured, Model};
 use crate::store::usage::Outcome;
 use crate::telemetry::{REQUEST_ID_HEADER, RequestId};
+use crate::upstream::Attempt;
 use crate::upstream::balancer::{self, PickError};
-use crate::upstream::{Attempt, Route};
 use crate::usage::{self, Tokens};
 
 /// Largest upstream error body read (to show its message).
@@ -304,6 +304,14 @@ async fn proxy(
     }
     let client_usage = match head.stream_options {
         None => false,
+        Some(v) if v.get() == "null" => false,
+        // serde would also take an array for the struct below.
+        Some(v) if !v.get().starts_with('{') => {
+            return Err(ApiError::invalid_type(
+                "stream_options",
+                "an object with a boolean include_usage",
+            ));
+        }
         Some(v) => {
             #[derive(serde::Deserialize)]
             struct StreamOptions {
@@ -365,6 +373,7 @@ async fn proxy(
     let upstream = &current.config.upstream;
     let strip_usage = stream && upstream.request_stream_usage && !client_usage;
     let prompt_bytes = raw.len();
+    let mut bodies = Rewriter::new(raw.clone(), head.model, head.stream_options, strip_usage);
 
     let mut tried = Vec::with_capacity(model.routes.len());
     let mut last_error: Option<ApiError> = None;
@@ -389,7 +398,7 @@ async fn proxy(
         let route = &model.routes[index];
         record.backend = Some(Arc::clone(&route.backend.name));
         record.attempts += 1;
-        let body = body_for(route, &raw, strip_usage)?;
+        let body = bodies.body(route.upstream_model.as_deref());
         let call = Call {
             metrics: &state.metrics,
             endpoint,
@@ -426,34 +435,6 @@ async fn proxy(
     Err(last_error.unwrap_or(ApiError::UpstreamUnreachable))
 }
 
-/// The body for one route: the client's bytes untouched when nothing changes; otherwise
-/// parsed, given the route's model name and/or `stream_options.include_usage`, and
-/// serialised again. The parsed document lives only here, never across an await.
-fn body_for(route: &Route, raw: &Bytes, ask_usage: bool) -> Result<Bytes, ApiError> {
-    if route.upstream_model.is_none() && !ask_usage {
-        return Ok(raw.clone());
-    }
-    let mut doc: Map<String, Value> =
-        serde_json::from_slice(raw).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    if let Some(name) = &route.upstream_model {
-        doc.insert("model".to_owned(), Value::String(name.clone()));
-    }
-    if ask_usage {
-        let options = doc
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if options.is_null() {
-            *options = Value::Object(Map::new());
-        }
-        if let Value::Object(o) = options {
-            o.insert("include_usage".to_owned(), Value::Bool(true));
-        }
-    }
-    serde_json::to_vec(&doc)
-        .map(Bytes::from)
-        .map_err(|_| ApiError::UpstreamInvalid)
-}
-
 /// The request fields the gateway looks at, borrowed from the body; the rest is skipped
 /// without being built, so a large body is not blown up into a tree of values.
 #[derive(serde::Deserialize)]
@@ -462,7 +443,7 @@ struct Head<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow, default)]
     stream: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "crate::rewrite::present")]
     stream_options: Option<&'a RawValue>,
     #[serde(borrow, default)]
     messages: Option<&'a RawValue>,

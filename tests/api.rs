@@ -210,6 +210,56 @@ async fn upstream_model_name_is_rewritten_and_api_key_sent() {
     assert_eq!(auth.as_deref(), Some("Bearer sk-upstream-secret"));
 }
 
+/// What the gateway changes in a body (the model name, include_usage) is spliced into the
+/// client's bytes: numbers and escapes a re-serialiser would rewrite reach the backend as
+/// sent.
+#[tokio::test]
+async fn the_upstream_gets_the_clients_bytes_with_only_the_model_and_usage_spliced() {
+    let up = mock().await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}[[models]]\nname = \"public\"\nroutes = [{{ backend = \"a\", upstream_model = \"org/Real-Model-8B\" }}]\n",
+        backend("a", &up.base_url(), ""),
+    );
+    let gw = Gateway::start(&toml).await;
+    let body = r#"{"model":"public","stream":true,"seed":18446744073709551616,"temperature":-0,"messages":[{"role":"user","content":"caf\u00e9 \ud83d\ude00"}],"top_p":1.0e0}"#;
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let seen = String::from_utf8(up.state.last_request().unwrap().raw.to_vec()).unwrap();
+    for kept in [
+        r#""seed":18446744073709551616"#,
+        r#""temperature":-0,"#,
+        r#""content":"caf\u00e9 \ud83d\ude00""#,
+        r#""top_p":1.0e0"#,
+    ] {
+        assert!(seen.contains(kept), "{kept} changed on the way: {seen}");
+    }
+    assert!(seen.contains(r#""model":"org/Real-Model-8B""#), "{seen}");
+    assert!(seen.contains(r#""include_usage":true"#), "{seen}");
+
+    // An array is not an object, whatever serde would make of it.
+    for options in ["[]", "[true]"] {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"public","stream":true,"stream_options":{options},"messages":[]}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "stream_options {options}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], "stream_options");
+    }
+}
+
 #[tokio::test]
 async fn models_endpoint_lists_configured_names() {
     let up = mock().await;
