@@ -400,7 +400,6 @@ async fn proxy(
         record.attempts += 1;
         let body = bodies.body(route.upstream_model.as_deref());
         let call = Call {
-            metrics: &state.metrics,
             endpoint,
             stream,
             request_id: &request_id,
@@ -502,7 +501,6 @@ impl Failure {
 
 /// One upstream call's fixed inputs.
 struct Call<'a> {
-    metrics: &'a crate::metrics::Metrics,
     endpoint: Endpoint,
     stream: bool,
     request_id: &'a HeaderValue,
@@ -528,14 +526,13 @@ impl Call<'_> {
         let url = backend
             .endpoint_url(self.endpoint.path())
             .map_err(|_| Failure::last(ApiError::UpstreamInvalid, "bad_url"))?;
-        let mut stale_retry = true;
-        let response = loop {
+        let response = {
             let mut request = backend
                 .client
-                .post(url.clone())
+                .post(url)
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(REQUEST_ID_HEADER, self.request_id.clone())
-                .body(body.clone());
+                .body(body);
             if self.stream {
                 request = request.header(header::ACCEPT, "text/event-stream");
             }
@@ -543,7 +540,7 @@ impl Call<'_> {
                 request = request.bearer_auth(key.expose());
             }
             match tokio::time::timeout_at(deadline, request.send()).await {
-                Ok(Ok(response)) => break response,
+                Ok(Ok(response)) => response,
                 Err(_) => {
                     attempt.failure();
                     return Err(Failure::retry(ApiError::UpstreamTimeout, "timeout"));
@@ -552,16 +549,10 @@ impl Call<'_> {
                     attempt.failure();
                     return Err(Failure::retry(ApiError::UpstreamUnreachable, "connect"));
                 }
-                Ok(Err(e)) if stale_retry && closed_before_answer(&e) => {
-                    // The backend closed the connection without answering: most often a
-                    // pooled keep-alive connection it closed as we reused it. Send once
-                    // more. The backend may have received the first copy.
-                    stale_retry = false;
-                    self.metrics
-                        .upstream_error(&backend.name, "stale_connection");
-                    tracing::debug!(backend = %backend.name, error = %e, "re-sending after the connection closed");
-                    continue;
-                }
+                // Also a pooled connection the backend closed after taking the request:
+                // not sent to it again (it may be working on it); another backend may be
+                // tried, as an attempt. A request never written on a reused connection is
+                // re-sent by the connection pool itself.
                 Ok(Err(_)) => {
                     attempt.failure();
                     return Err(Failure::retry(ApiError::UpstreamUnreachable, "request"));
@@ -663,18 +654,6 @@ impl Call<'_> {
             }
         }
     }
-}
-
-/// The connection closed (or was reset) before any response: hyper's "incomplete message".
-fn closed_before_answer(error: &reqwest::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            return h.is_incomplete_message();
-        }
-        source = e.source();
-    }
-    false
 }
 
 enum ReadError {
