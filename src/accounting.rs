@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use axum::http::HeaderValue;
 
 use crate::auth::KeyEntry;
+use crate::config::AccessLog;
 use crate::metrics::RequestSample;
 use crate::proxy::Endpoint;
 use crate::ratelimit::{Limiter, Snapshot};
@@ -47,6 +48,8 @@ pub(crate) struct Record {
     pub(crate) reservation: Option<(Arc<Limiter>, u64)>,
     /// Rate-limit state for the response headers.
     pub(crate) limits: Option<Snapshot>,
+    /// Which requests get an access log event.
+    access_log: AccessLog,
 }
 
 impl Drop for Record {
@@ -69,6 +72,7 @@ impl Record {
         endpoint: Endpoint,
         request_id: HeaderValue,
         key: Option<Arc<KeyEntry>>,
+        access_log: AccessLog,
     ) -> Self {
         Self {
             state,
@@ -87,6 +91,7 @@ impl Record {
             key,
             reservation: None,
             limits: None,
+            access_log,
         }
     }
 
@@ -166,6 +171,14 @@ impl Record {
             ttft: self.ttft,
             tokens,
         });
+        let logged = match self.access_log {
+            AccessLog::All => true,
+            AccessLog::Errors => status >= 400 || outcome != Outcome::Complete,
+            AccessLog::Off => false,
+        };
+        if !logged {
+            return;
+        }
         let _entered = self.span.enter();
         tracing::info!(
             target: "llm_gateway::access",

@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::{AuthFailure, KeyEntry};
-use crate::config::AuthMode;
+use crate::config::{AccessLog, AuthMode};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -67,13 +67,15 @@ pub async fn authenticate(
                 Err(failure) => {
                     state.metrics.auth_failure(failure.label());
                     let error = ApiError::Unauthorized(failure);
-                    tracing::info!(
-                        target: "llm_gateway::access",
-                        path = request.uri().path(),
-                        status = 401,
-                        error = error.kind(),
-                        "request refused"
-                    );
+                    if state.current().config.logging.access_log != AccessLog::Off {
+                        tracing::info!(
+                            target: "llm_gateway::access",
+                            path = request.uri().path(),
+                            status = 401,
+                            error = error.kind(),
+                            "request refused"
+                        );
+                    }
                     return error.into_response();
                 }
             }

@@ -291,6 +291,8 @@ pub struct LoggingConfig {
     pub format: LogFormat,
     /// `auto`, `stderr` or `journald`.
     pub output: LogOutput,
+    /// Which requests get an access log event: `all`, `errors` or `off`.
+    pub access_log: AccessLog,
 }
 
 impl Default for LoggingConfig {
@@ -299,8 +301,22 @@ impl Default for LoggingConfig {
             level: "info".to_owned(),
             format: LogFormat::Text,
             output: LogOutput::Auto,
+            access_log: AccessLog::All,
         }
     }
+}
+
+/// Which requests are written to the access log (target `llm_gateway::access`, level info).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// Every request (about 550 bytes each).
+    #[default]
+    All,
+    /// Requests answered with a status of 400 or more, and streams that did not complete.
+    Errors,
+    /// None (metrics and the usage ledger still count every request).
+    Off,
 }
 
 /// `[storage]`

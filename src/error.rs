@@ -42,6 +42,8 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("Unknown request URL: {0}.")]
     UnknownPath(String),
+    #[error("Send exactly one Host header (RFC 9112, section 3.2).")]
+    InvalidHost,
     #[error("Method {0} is not allowed for this URL.")]
     MethodNotAllowed(String),
     #[error("{}", auth_message(*.0))]
@@ -101,9 +103,10 @@ impl ApiError {
     /// HTTP status sent to the client.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidJson(_) | Self::InvalidParam { .. } | Self::BodyBroken => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidJson(_)
+            | Self::InvalidParam { .. }
+            | Self::BodyBroken
+            | Self::InvalidHost => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -124,6 +127,21 @@ impl ApiError {
         }
     }
 
+    /// Refused by the gateway itself before any backend was tried, for lack of capacity:
+    /// such requests are counted in metrics but not written to the usage ledger (under
+    /// overload they would be most of it).
+    pub fn is_shed(&self) -> bool {
+        matches!(
+            self,
+            Self::Overloaded
+                | Self::BackendsSaturated(_)
+                | Self::NoHealthyBackend(_)
+                | Self::Draining
+                | Self::LedgerFull
+                | Self::LedgerUnavailable
+        )
+    }
+
     /// Low-cardinality name for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -135,6 +153,7 @@ impl ApiError {
             Self::BodyBroken => "invalid_body",
             Self::ModelNotFound(_) => "model_not_found",
             Self::UnknownPath(_) => "unknown_path",
+            Self::InvalidHost => "invalid_host_header",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::Unauthorized(_) => "unauthorized",
             Self::ModelNotAllowed(_) => "model_not_allowed",

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub(crate) mod held_body;
+pub(crate) mod http_rules;
 pub mod ledger;
 pub mod metrics;
 pub mod mock;

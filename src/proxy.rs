@@ -145,18 +145,24 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         .get::<Caller>()
         .and_then(Caller::key)
         .cloned();
-    let mut record = Record::new(Arc::clone(&state), endpoint, request_id, key);
     // This request keeps the configuration it started with, whatever a reload does.
     let current = state.current();
+    let mut record = Record::new(
+        Arc::clone(&state),
+        endpoint,
+        request_id,
+        key,
+        current.config.logging.access_log,
+    );
     match state.ledger.admission() {
         Ok(()) => {}
         Err(Refusal::Full) => return fail(&mut record, ApiError::LedgerFull),
         Err(Refusal::Unwritable) => return fail(&mut record, ApiError::LedgerUnavailable),
     }
-    record.ledgered = true;
     let Ok(permit) = Arc::clone(&current.limiter).try_acquire_owned() else {
         return fail(&mut record, ApiError::Overloaded);
     };
+    record.ledgered = true;
     let guards = Guards {
         permit,
         in_flight: state.metrics.in_flight(),
@@ -258,6 +264,9 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
 }
 
 fn fail(record: &mut Record, error: ApiError) -> Response {
+    if error.is_shed() {
+        record.ledgered = false;
+    }
     record.finish(
         error.status().as_u16(),
         None,

@@ -463,6 +463,47 @@ async fn one_structured_log_event_per_request_without_prompts_or_keys() {
     assert!(e["latency_ms"].as_f64().unwrap() > 0.0);
 }
 
+/// `logging.access_log = "errors"` logs only what went wrong; "off" logs no request.
+#[tokio::test]
+async fn the_access_log_can_keep_only_errors_or_nothing() {
+    let up = mock().await;
+    for (setting, expected) in [("errors", vec![404]), ("off", vec![])] {
+        let mut gw = spawn_gateway(
+            &gateway_config(&up.base_url(), ""),
+            &[
+                ("LLM_GATEWAY__LOGGING__FORMAT", "json"),
+                ("LLM_GATEWAY__LOGGING__ACCESS_LOG", setting),
+                ("RUST_LOG", "info"),
+            ],
+        )
+        .await;
+        for model in ["m", "m", "nope"] {
+            let r = client()
+                .post(format!("{}/v1/chat/completions", gw.url))
+                .json(&serde_json::json!({"model": model, "messages": []}))
+                .send()
+                .await
+                .unwrap();
+            r.bytes().await.unwrap();
+        }
+        kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
+        let output = tokio::task::spawn_blocking(move || {
+            let child = std::mem::replace(&mut gw.child, Command::new("true").spawn().unwrap());
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap();
+        let log = String::from_utf8(output.stderr).unwrap();
+        let statuses: Vec<u64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["message"] == "request finished")
+            .map(|e| e["status"].as_u64().unwrap())
+            .collect();
+        assert_eq!(statuses, expected, "access_log = {setting}: {log}");
+    }
+}
+
 /// The operator commands against one SQLite state directory, as an operator runs them.
 #[test]
 fn keys_usage_instances_and_migrate_commands() {

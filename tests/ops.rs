@@ -626,3 +626,39 @@ async fn a_broken_chunked_body_gets_its_own_code() {
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("\"code\":\"invalid_body\""), "{text}");
 }
+
+/// RFC 9112: an HTTP/1.1 request without a Host header, or with two, is answered 400.
+#[tokio::test]
+async fn a_request_needs_exactly_one_host_header() {
+    let up = mock().await;
+    let gw = Gateway::start(&config_for(&[&up], "")).await;
+    for (request, status) in [
+        ("GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", "400"),
+        (
+            "GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            "400",
+        ),
+        (
+            "GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "200",
+        ),
+        ("GET /health HTTP/1.0\r\n\r\n", "200"),
+    ] {
+        let version = &request[request.find("HTTP/").unwrap()..][..8];
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with(&format!("{version} {status}")),
+            "{request:?}: {text}"
+        );
+        if status == "400" {
+            assert!(text.contains("invalid_host_header"), "{text}");
+        }
+    }
+}

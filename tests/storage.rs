@@ -874,3 +874,65 @@ async fn a_key_sees_only_its_models_and_must_send_one_authorization_header() {
         );
     }
 }
+
+/// Requests the gateway sheds before trying a backend (503 overloaded) are counted in
+/// metrics, not written to the ledger: under overload they would be most of it.
+#[tokio::test]
+async fn shed_requests_are_counted_but_not_in_the_ledger() {
+    use llm_gateway::mock::MockBehavior;
+    let up = common::mock_with(MockBehavior {
+        chunks: 20,
+        chunk_interval: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config_for(
+        &[&up],
+        &format!(
+            "[server]\nmax_concurrent_requests = 1\n{}",
+            storage(Db::Sqlite, dir.path(), "open")
+        ),
+    );
+    let config = Config::from_toml(&toml).unwrap();
+    let gw = Gateway::start(&toml).await;
+    let store = Store::open(&config).await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    futures_util::StreamExt::next(&mut body).await.unwrap().unwrap();
+    for _ in 0..3 {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(error_of(r).await["code"], "overloaded");
+    }
+    while futures_util::StreamExt::next(&mut body).await.is_some() {}
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = store.usage_records(0).await.unwrap();
+        if rows.iter().any(|r| r.outcome == Outcome::Complete) {
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stream's row never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_requests_total{endpoint=\"chat_completions\",model=\"none\",backend=\"none\",status=\"503\"}"
+        ),
+        Some(3.0),
+        "{m}"
+    );
+}
