@@ -183,19 +183,26 @@ fn run_demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
             .await
             .context("cannot bind the mock upstream")?;
         let mock_addr = mock_listener.local_addr()?;
-        let state_dir =
-            std::env::temp_dir().join(format!("llm-gateway-demo-{}", std::process::id()));
+        // A fresh directory with a random name, readable by this user only; removed when
+        // `state` is dropped, also when the start fails.
+        let state = tempfile::Builder::new()
+            .prefix("llm-gateway-demo-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .context("cannot create the demo's state directory")?;
+        let state_dir = state.path().to_owned();
         let config = Config::demo(listen, mock_addr, &state_dir)?;
         let _log = telemetry::init(&config.logging);
+        let listeners = Listeners::bind(&config).await.with_context(|| {
+            format!("cannot bind {listen}; pick another address with --listen (e.g. --listen 127.0.0.1:0 for any free port)")
+        })?;
+        let bound = listeners.api.local_addr()?;
         let key = admin::demo_key(&config).await?;
-        let listeners = Listeners::bind(&config)
-            .await
-            .with_context(|| format!("cannot bind {listen}"))?;
         eprintln!(
-            "\nDEMO MODE: the gateway on http://{listen} serves model \"demo\" from a bundled MOCK \
+            "\nDEMO MODE: the gateway on http://{bound} serves model \"demo\" from a bundled MOCK \
              upstream on {mock_addr}\n(it is not a language model). Usage goes to a SQLite ledger in \
              {}, removed at exit.\nA demo API key was created (60 requests/minute). Try:\n\n  \
-             curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n    \
+             curl -s http://{bound}/v1/chat/completions -H 'content-type: application/json' \\\n    \
              -H 'authorization: Bearer {key}' \\\n    \
              -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\nCtrl-C stops it.\n",
             state_dir.display()
@@ -214,7 +221,7 @@ fn run_demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
             result
         };
         let (gateway, mock) = tokio::join!(gateway, mock);
-        if let Err(e) = std::fs::remove_dir_all(&state_dir) {
+        if let Err(e) = state.close() {
             tracing::warn!(error = %e, dir = %state_dir.display(), "cannot remove the demo state");
         }
         mock.context("mock upstream failed")?;

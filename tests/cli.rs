@@ -646,3 +646,87 @@ async fn a_key_created_by_the_command_is_accepted_by_the_running_service() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The demo on port 0 says which port it bound, keeps its state in a private directory with
+/// a random name, and removes it at exit; on a taken port it says how to pick another and
+/// leaves nothing behind.
+#[tokio::test]
+async fn the_demo_binds_any_port_keeps_its_state_private_and_cleans_up() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env("TMPDIR", tmp.path())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut banner = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.contains("Ctrl-C stops it") {
+            break;
+        }
+    }
+    let url = banner
+        .split("the gateway on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in the banner: {banner}"))
+        .to_owned();
+    assert!(!url.ends_with(":0"), "the banner shows port 0: {banner}");
+    let key = banner
+        .split("Bearer ")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap()
+        .to_owned();
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(
+            &serde_json::json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{banner}");
+    let dirs: Vec<PathBuf> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let name = dirs[0].file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(name.starts_with("llm-gateway-demo-"), "{name}");
+    assert_ne!(
+        name,
+        format!("llm-gateway-demo-{}", child.id()),
+        "predictable name"
+    );
+    let mode = std::fs::metadata(&dirs[0]).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "demo state readable by others: {mode:o}");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(!dirs[0].exists(), "demo state left behind");
+
+    // The port is taken now (by this listener): a clear error, nothing left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let o = Command::new(BIN)
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--listen"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "state left behind"
+    );
+}

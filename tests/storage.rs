@@ -904,7 +904,10 @@ async fn shed_requests_are_counted_but_not_in_the_ledger() {
         .await
         .unwrap();
     let mut body = r.bytes_stream();
-    futures_util::StreamExt::next(&mut body).await.unwrap().unwrap();
+    futures_util::StreamExt::next(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
     for _ in 0..3 {
         let r = client()
             .post(gw.url("/v1/chat/completions"))
