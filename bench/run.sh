@@ -9,6 +9,8 @@
 # and, when listed in BENCH_TARGETS:
 #   - "llm-gateway-nostorage": the gateway as of BENCH_BASELINE_REV, before it had keys,
 #                    limits and a ledger (built from git into its own target dir)
+#   - "llm-gateway-before": the gateway at commit BENCH_BEFORE_REV, configured as
+#                    "llm-gateway" (a change's before/after in one run)
 #   - "llm-gateway-pg": API keys required (one key, no limits) and the usage ledger on a
 #                    throwaway PostgreSQL server (unix socket) started by this script
 # The storage benchmark is
@@ -24,6 +26,7 @@
 #   BENCH_WARMUP=2s        warm-up per cell (results discarded, errors still fail the run)
 #   BENCH_TARGETS="llm-gateway"   gateways to compare with "direct" (see start_target_*)
 #   BENCH_BASELINE_REV=2b02512    commit built for "llm-gateway-nostorage"
+#   BENCH_BEFORE_REV       commit built for "llm-gateway-before"
 #   BENCH_PG_BINDIR        PostgreSQL server binaries (default: newest /usr/lib/postgresql/*/bin)
 #   BENCH_GW_WORKERS=N     llm-gateway server.worker_threads (default: unset = one per CPU)
 #   BENCH_TASKSET=1        pin wrk to one CPU (BENCH_WRK_CPU, default the last one)
@@ -138,39 +141,58 @@ start_target_direct() {
     echo "$1"
 }
 
-start_target_llm-gateway() {
-    local mock=$1 port workers=""
+# The gateway binary BIN as target NAME: open mode, ledger on SQLite, health checks on.
+start_gateway() { # start_gateway NAME BIN MOCK_BASE_URL
+    local name=$1 bin=$2 mock=$3 port workers=""
     port=$(free_port)
     [[ -n ${BENCH_GW_WORKERS:-} ]] && workers="worker_threads = $BENCH_GW_WORKERS"
-    cat >"$WORK/llm-gateway.toml" <<EOF
+    cat >"$WORK/$name.toml" <<EOF
 [server]
 listen = "127.0.0.1:$port"
 $workers
 [health_check]
 enabled = true
 [storage]
-state_dir = "$WORK/state"
+state_dir = "$WORK/state-$name"
 [auth]
 mode = "open"
 $(routes_toml "$mock")
 EOF
     # RUST_LOG=warn: at info level the gateway logs one line per request.
-    RUST_LOG=warn spawn llm-gateway "$BIN" serve --config "$WORK/llm-gateway.toml"
+    RUST_LOG=warn spawn "$name" "$bin" serve --config "$WORK/$name.toml"
     # /ready turns 200 once the health check has seen the backend up.
-    wait_http llm-gateway "http://127.0.0.1:$port/ready"
+    wait_http "$name" "http://127.0.0.1:$port/ready"
     echo "http://127.0.0.1:$port/v1"
+}
+
+# Builds commit REV (release) into $TARGET_DIR/DIR once; prints the binary's path.
+build_rev() { # build_rev REV DIR
+    local rev=$1 dir=$TARGET_DIR/$2
+    if [[ ! -x $dir/release/llm-gateway || $(cat "$dir/rev" 2>/dev/null) != "$rev" ]]; then
+        rm -rf "$WORK/src-$2"
+        mkdir -p "$WORK/src-$2" "$dir"
+        git archive "$rev" | tar -x -C "$WORK/src-$2"
+        (cd "$WORK/src-$2" && CARGO_TARGET_DIR=$dir cargo build --release --locked) >&2
+        echo "$rev" >"$dir/rev"
+    fi
+    echo "$dir/release/llm-gateway"
+}
+
+start_target_llm-gateway() {
+    start_gateway llm-gateway "$BIN" "$1"
+}
+
+# The same gateway at commit BENCH_BEFORE_REV, same configuration: before/after in one run.
+start_target_llm-gateway-before() {
+    local bin
+    bin=$(build_rev "${BENCH_BEFORE_REV:?set BENCH_BEFORE_REV to the commit to compare with}" bench-before)
+    start_gateway llm-gateway-before "$bin" "$1"
 }
 
 # The gateway before storage existed, for the storage overhead ratio.
 start_target_llm-gateway-nostorage() {
-    local mock=$1 port rev=${BENCH_BASELINE_REV:-2b02512} bin
-    bin=$TARGET_DIR/bench-baseline/release/llm-gateway
-    if [[ ! -x $bin || $(cat "$TARGET_DIR/bench-baseline/rev" 2>/dev/null) != "$rev" ]]; then
-        mkdir -p "$WORK/baseline-src" "$TARGET_DIR/bench-baseline"
-        git archive "$rev" | tar -x -C "$WORK/baseline-src"
-        (cd "$WORK/baseline-src" && CARGO_TARGET_DIR=$TARGET_DIR/bench-baseline cargo build --release --locked) >&2
-        echo "$rev" >"$TARGET_DIR/bench-baseline/rev"
-    fi
+    local mock=$1 port bin
+    bin=$(build_rev "${BENCH_BASELINE_REV:-2b02512}" bench-baseline)
     port=$(free_port)
     cat >"$WORK/llm-gateway-nostorage.toml" <<EOF
 [server]

@@ -126,7 +126,11 @@ def run(gw, subtest, switch_setting, prometheus=None, threshold="1.5"):
         gw.wait_until_succeeds("test -f /tmp/stream.rc", timeout=60)
         assert gw.succeed("cat /tmp/stream.rc").strip() == "0"
         assert gw.succeed("cat /tmp/stream.out").rstrip().endswith("data: [DONE]")
-        gw.wait_until_succeeds(f"curl -sf {API}/v1/models | grep -q '\"m2\"'", timeout=30)
+        # /v1/models needs a key like every /v1 route.
+        gw.wait_until_succeeds(
+            f"curl -sf -H 'authorization: Bearer {key}' {API}/v1/models | grep -q '\"m2\"'",
+            timeout=30,
+        )
         assert prop(gw, "MainPID") == pid, "reloaded, not restarted"
         assert prop(gw, "NRestarts") == restarts
 
