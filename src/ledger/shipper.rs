@@ -32,16 +32,17 @@ impl Ledger {
     /// writers), so that under steady load the shipper still gets back to syncing and
     /// retention. Stops at the first failure the database may recover from.
     async fn ship_all(
-        &self,
+        self: &Arc<Self>,
         store: &Store,
         until_empty: bool,
         timeout: Duration,
     ) -> Result<(), Stalled> {
         loop {
             self.pending.store(0, Ordering::Relaxed);
+            let size = self.config.batch_size;
             let batch = self
-                .spool
-                .read_batch(None, self.config.batch_size)
+                .off_workers(move |l| l.spool.read_batch(None, size))
+                .await?
                 .map_err(|e| {
                     tracing::error!(error = %e, "cannot read the usage spool");
                     Stalled
@@ -55,10 +56,9 @@ impl Ledger {
                 // The read may still have moved past corrupt bytes or drained segments:
                 // commit that, so their space is freed, but only when it moved (a commit
                 // writes and syncs the cursor file).
-                let mut last = lock(&self.last_empty_end);
-                if *last != Some(batch.end) {
-                    self.commit(batch.end)?;
-                    *last = Some(batch.end);
+                if *lock(&self.last_empty_end) != Some(batch.end) {
+                    self.commit(batch.end).await?;
+                    *lock(&self.last_empty_end) = Some(batch.end);
                 }
                 self.metrics.lag_ms.set(0);
                 self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
@@ -83,7 +83,7 @@ impl Ledger {
                 Err(e) => return Err(self.database_failed(&e, batch.records.len())),
             }
             self.db_ok.store(true, Ordering::Relaxed);
-            self.commit(batch.end)?;
+            self.commit(batch.end).await?;
             // Counted once the batch is committed, so a retried batch does not count again.
             self.metrics.dropped.inc_by(unreadable);
             self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
@@ -93,11 +93,38 @@ impl Ledger {
         }
     }
 
-    fn commit(&self, pos: super::spool::Position) -> Result<(), Stalled> {
-        self.spool.commit(pos).map_err(|e| {
-            tracing::error!(error = %e, "cannot trim the usage spool");
-            Stalled
-        })
+    /// Commits the spool up to `pos` (a cursor write, a rename, maybe unlinks).
+    async fn commit(self: &Arc<Self>, pos: super::spool::Position) -> Result<(), Stalled> {
+        self.off_workers(move |l| l.spool.commit(pos))
+            .await?
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot trim the usage spool");
+                Stalled
+            })
+    }
+
+    /// Writes records held in memory back into the spool (off the async workers); whether
+    /// none is left.
+    async fn rewrite_held(self: &Arc<Self>) -> bool {
+        if self.held_records() == 0 {
+            return true;
+        }
+        self.off_workers(Ledger::flush_held).await.unwrap_or(false)
+    }
+
+    /// Runs spool file work on tokio's blocking pool, not on an async worker that requests
+    /// need.
+    async fn off_workers<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Ledger) -> T + Send + 'static,
+    ) -> Result<T, Stalled> {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || work(&me))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "spool task failed");
+                Stalled
+            })
     }
 
     fn database_failed(&self, error: &StoreError, records: usize) -> Stalled {
@@ -112,7 +139,7 @@ impl Ledger {
     /// committed just past it at once, so it is never set aside twice. Any other failure
     /// stops the round with the rest kept.
     async fn ship_one_by_one(
-        &self,
+        self: &Arc<Self>,
         store: &Store,
         batch: &Batch,
         timeout: Duration,
@@ -130,7 +157,7 @@ impl Ledger {
                     tracing::error!(error = %e, "usage record refused by the database; set aside in rejected.jsonl");
                     self.set_aside(raw).await?;
                     self.metrics.dropped.inc();
-                    self.commit(*end)?;
+                    self.commit(*end).await?;
                 }
                 Err(e) => return Err(self.database_failed(&e, 1)),
             }
@@ -189,7 +216,7 @@ impl Ledger {
             if !task.pause(wait, wake).await {
                 break;
             }
-            self.flush_held();
+            self.rewrite_held().await;
             match task
                 .unless_stopped(self.ship_all(&store, false, query_timeout))
                 .await
@@ -199,7 +226,7 @@ impl Ledger {
                 Err(Cut::Stopped) => break,
             }
             // Shipping may have made room for what is held.
-            self.flush_held();
+            self.rewrite_held().await;
             if last_sync.elapsed() >= self.config.flush_interval {
                 last_sync = tokio::time::Instant::now();
                 self.sync().await;
@@ -235,7 +262,7 @@ impl Ledger {
         // The last flush: until everything is shipped, or the hard stop.
         let drain = Periodic::new("ledger flush", hard_stop);
         let flushed = loop {
-            let held_done = self.flush_held();
+            let held_done = self.rewrite_held().await;
             match drain
                 .unless_stopped(self.ship_all(&store, true, query_timeout))
                 .await
@@ -269,11 +296,8 @@ impl Ledger {
 
     /// fdatasyncs the spool, off the async workers (it can take milliseconds).
     async fn sync(self: &Arc<Self>) {
-        let me = Arc::clone(self);
-        match tokio::task::spawn_blocking(move || me.spool.sync()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the usage spool"),
-            Err(e) => tracing::warn!(error = %e, "spool sync task failed"),
+        if let Ok(Err(e)) = self.off_workers(|l| l.spool.sync()).await {
+            tracing::warn!(error = %e, "cannot sync the usage spool");
         }
     }
 }
