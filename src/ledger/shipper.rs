@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use serde_json::value::RawValue;
+
 use super::spool::Batch;
 use super::{Ledger, gauge, lock};
 use crate::periodic::{Cut, Periodic};
@@ -314,17 +316,47 @@ async fn bounded(
 }
 
 /// Joins records into one JSON array for the database, skipping any that is not JSON
-/// (checksummed but written by an incompatible version); returns the array and how many
-/// were skipped. Each record is only checked to be JSON, not decoded.
+/// (checksummed but written by an incompatible version), and a stream's provisional record
+/// when its final record is in the same batch (the database would insert the one only to
+/// replace it with the other). Returns the array and how many records were unreadable.
 fn json_array<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> (String, u64) {
+    /// The fields read from a record (as their JSON text); the rest is only checked to be
+    /// JSON.
+    #[derive(serde::Deserialize, Default)]
+    struct Key<'r> {
+        #[serde(borrow, default)]
+        id: Option<&'r RawValue>,
+        #[serde(borrow, default)]
+        outcome: Option<&'r RawValue>,
+    }
+    // None: not JSON at all. A JSON record of another shape still goes to the database,
+    // which refuses it (and it is set aside).
+    let keys: Vec<Option<Key<'a>>> = records
+        .clone()
+        .map(|raw| {
+            serde_json::from_slice::<&RawValue>(raw)
+                .ok()
+                .map(|_| serde_json::from_slice::<Key<'a>>(raw).unwrap_or_default())
+        })
+        .collect();
+    let provisional = |k: &Key<'_>| k.outcome.map(RawValue::get) == Some("\"interrupted\"");
+    let finals: std::collections::HashSet<&str> = keys
+        .iter()
+        .flatten()
+        .filter(|k| !provisional(k))
+        .filter_map(|k| k.id.map(RawValue::get))
+        .collect();
     let size = records.clone().map(|r| r.len() + 1).sum::<usize>() + 2;
     let mut array = Vec::with_capacity(size);
     array.push(b'[');
     let mut skipped = 0;
-    for raw in records {
-        if serde_json::from_slice::<&serde_json::value::RawValue>(raw).is_err() {
+    for (raw, key) in records.zip(&keys) {
+        let Some(key) = key else {
             tracing::error!("undecodable usage record skipped");
             skipped += 1;
+            continue;
+        };
+        if provisional(key) && key.id.is_some_and(|id| finals.contains(id.get())) {
             continue;
         }
         if array.len() > 1 {
@@ -334,6 +366,27 @@ fn json_array<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> (String, u
     }
     array.push(b']');
     (String::from_utf8_lossy(&array).into_owned(), skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_array;
+
+    #[test]
+    fn a_provisional_record_is_left_out_when_its_final_one_is_in_the_batch() {
+        let records: [&[u8]; 4] = [
+            br#"{"id":"a","outcome":"interrupted"}"#,
+            br#"{"id":"b","outcome":"interrupted"}"#,
+            br#"{"id":"a","outcome":"complete"}"#,
+            b"not json",
+        ];
+        let (array, unreadable) = json_array(records.iter().copied());
+        assert_eq!(unreadable, 1);
+        assert_eq!(
+            array,
+            r#"[{"id":"b","outcome":"interrupted"},{"id":"a","outcome":"complete"}]"#
+        );
+    }
 }
 
 /// The one field read from a spooled record: its time, for the lag gauge.
