@@ -3,16 +3,14 @@
 
 use axum::extract::Request;
 use axum::http::{Version, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
 
-/// The middleware: 400 `invalid_host_header` unless the request has one `Host`.
-pub async fn one_host(request: Request, next: Next) -> Response {
+/// `Err(InvalidHost)` unless the request has one `Host` (none is fine for HTTP/1.0).
+pub fn check(request: &Request) -> Result<(), ApiError> {
     let hosts = request.headers().get_all(header::HOST).iter().count();
     if hosts > 1 || (hosts == 0 && request.version() == Version::HTTP_11) {
-        return ApiError::InvalidHost.into_response();
+        return Err(ApiError::InvalidHost);
     }
-    next.run(request).await
+    Ok(())
 }

@@ -7,7 +7,7 @@ use axum::http::Method;
 use axum::routing::{MethodRouter, get, post};
 
 use crate::state::AppState;
-use crate::{authn, http_rules, ops, proxy, telemetry};
+use crate::{authn, ops, proxy, telemetry};
 
 /// One route: method, path, handler.
 pub type RouteEntry = (Method, &'static str, MethodRouter<Arc<AppState>>);
@@ -61,7 +61,6 @@ pub fn metrics(state: Arc<AppState>) -> Router {
 
 fn finish(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     router
-        .layer(axum::middleware::from_fn(http_rules::one_host))
         .layer(axum::middleware::from_fn(telemetry::request_context))
         .with_state(state)
 }

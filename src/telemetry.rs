@@ -32,7 +32,8 @@ fn acceptable(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-/// Middleware: assigns the request id, opens the request span, echoes the id back.
+/// Middleware: assigns the request id, opens the request span, refuses a request HTTP
+/// itself forbids (`http_rules`), echoes the id back.
 pub async fn request_context(mut request: Request, next: Next) -> Response {
     let id = request
         .headers()
@@ -56,7 +57,11 @@ pub async fn request_context(mut request: Request, next: Next) -> Response {
         route = %route,
     );
     request.extensions_mut().insert(RequestId(id.clone()));
-    let mut response = next.run(request).instrument(span).await;
+    // HTTP's own rules first (here, to keep one layer fewer on every request).
+    let mut response = match crate::http_rules::check(&request) {
+        Ok(()) => next.run(request).instrument(span).await,
+        Err(e) => axum::response::IntoResponse::into_response(e),
+    };
     response.headers_mut().insert(REQUEST_ID_HEADER, id);
     response
 }
