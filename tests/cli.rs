@@ -405,10 +405,21 @@ async fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(1));
 }
 
+/// SIGTERMs the gateway and waits for it; its exit status and output.
+async fn sigterm_and_collect(mut gw: Proc) -> Output {
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let child = std::mem::replace(&mut gw.child, Command::new("true").spawn().unwrap());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn one_structured_log_event_per_request_without_prompts_or_keys() {
     let up = mock().await;
-    let mut gw = spawn_gateway(
+    let gw = spawn_gateway(
         &gateway_config(&up.base_url(), ""),
         &[
             ("LLM_GATEWAY__LOGGING__FORMAT", "json"),
@@ -430,13 +441,7 @@ async fn one_structured_log_event_per_request_without_prompts_or_keys() {
         .unwrap();
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
-    let output = tokio::task::spawn_blocking(move || {
-        let child = std::mem::replace(&mut gw.child, Command::new("true").spawn().unwrap());
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
+    let output = sigterm_and_collect(gw).await;
     assert!(output.status.success());
     let log = String::from_utf8(output.stderr).unwrap();
     assert!(
@@ -468,7 +473,7 @@ async fn one_structured_log_event_per_request_without_prompts_or_keys() {
 async fn the_access_log_can_keep_only_errors_or_nothing() {
     let up = mock().await;
     for (setting, expected) in [("errors", vec![404]), ("off", vec![])] {
-        let mut gw = spawn_gateway(
+        let gw = spawn_gateway(
             &gateway_config(&up.base_url(), ""),
             &[
                 ("LLM_GATEWAY__LOGGING__FORMAT", "json"),
@@ -486,13 +491,7 @@ async fn the_access_log_can_keep_only_errors_or_nothing() {
                 .unwrap();
             r.bytes().await.unwrap();
         }
-        kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
-        let output = tokio::task::spawn_blocking(move || {
-            let child = std::mem::replace(&mut gw.child, Command::new("true").spawn().unwrap());
-            child.wait_with_output().unwrap()
-        })
-        .await
-        .unwrap();
+        let output = sigterm_and_collect(gw).await;
         let log = String::from_utf8(output.stderr).unwrap();
         let statuses: Vec<u64> = log
             .lines()

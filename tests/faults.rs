@@ -277,14 +277,7 @@ async fn a_database_outage_under_load_loses_no_record() {
         metric(&m, "llm_gateway_ledger_write_failures_total").unwrap() >= 1.0,
         "{m}"
     );
-    let h: serde_json::Value = client()
-        .get(format!("{}/health", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: serde_json::Value = common::get_json(format!("{}/health", gw.url)).await;
     assert_eq!(h["database"]["state"], "down");
     cluster.restart();
     let at_restart = done.count();
@@ -430,14 +423,7 @@ async fn a_restarted_instance_does_not_count_its_dead_predecessor() {
         assert!(Instant::now() < deadline, "no second heartbeat");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let h: serde_json::Value = client()
-        .get(format!("{}/health", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: serde_json::Value = common::get_json(format!("{}/health", gw.url)).await;
     assert_eq!(h["database"]["live_instances"], 1, "{h}");
 }
 
@@ -532,14 +518,7 @@ async fn sigterm_with_a_hung_database_exits_within_the_bound_and_ships_at_the_ne
     // Let the heartbeat and key refresh get stuck on the frozen server first.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let h: serde_json::Value = client()
-            .get(format!("{}/health", gw.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let h: serde_json::Value = common::get_json(format!("{}/health", gw.url)).await;
         if h["database"]["state"] == "down" {
             break;
         }

@@ -174,13 +174,7 @@ async fn a_bad_record_is_set_aside_once_while_the_database_refuses_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     {
         // Left by an earlier run: a record missing its required fields.
-        let spool =
-            llm_gateway::ledger::spool::Spool::open(llm_gateway::ledger::spool::SpoolConfig {
-                dir: dir.path().join("spool"),
-                segment_bytes: 1 << 20,
-                max_bytes: 1 << 30,
-            })
-            .unwrap();
+        let spool = common::spool_in(dir.path());
         spool
             .append(br#"{"id":"01900000-0000-7000-8000-000000000002"}"#)
             .unwrap();

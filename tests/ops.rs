@@ -590,12 +590,7 @@ async fn an_over_limit_body_written_whole_before_reading_gets_its_413() {
         } else {
             s.write_all(&body).await.expect("the whole body is taken");
         }
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&answer).to_lowercase();
+        let text = read_all(&mut s).await.to_lowercase();
         assert!(
             text.starts_with("http/1.1 413"),
             "chunked {chunked}: {text}"
@@ -617,12 +612,7 @@ async fn a_broken_chunked_body_gets_its_own_code() {
     )
     .await
     .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer);
+    let text = read_all(&mut s).await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("\"code\":\"invalid_body\""), "{text}");
 }
@@ -647,12 +637,7 @@ async fn a_request_needs_exactly_one_host_header() {
         let version = &request[request.find("HTTP/").unwrap()..][..8];
         let mut s = TcpStream::connect(gw.addr).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&answer);
+        let text = read_all(&mut s).await;
         assert!(
             text.starts_with(&format!("{version} {status}")),
             "{request:?}: {text}"
@@ -661,4 +646,14 @@ async fn a_request_needs_exactly_one_host_header() {
             assert!(text.contains("invalid_host_header"), "{text}");
         }
     }
+}
+
+/// Reads `s` to its end (the server closes it), as text.
+async fn read_all(s: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer))
+        .await
+        .expect("the server ends the connection")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
 }

@@ -429,13 +429,7 @@ async fn a_record_the_database_refuses_is_set_aside_and_the_rest_shipped(db: Db)
     let dir = tempfile::tempdir().unwrap();
     // A spool left by an earlier run: one good record and one the schema refuses.
     {
-        let spool =
-            llm_gateway::ledger::spool::Spool::open(llm_gateway::ledger::spool::SpoolConfig {
-                dir: dir.path().join("spool"),
-                segment_bytes: 1 << 20,
-                max_bytes: 1 << 30,
-            })
-            .unwrap();
+        let spool = common::spool_in(dir.path());
         let good = UsageRecord {
             id: "01900000-0000-7000-8000-000000000001".into(),
             request_id: "left-over".into(),

@@ -266,3 +266,14 @@ pub async fn health(gw: &Gateway) -> serde_json::Value {
 pub async fn metrics_text(gw: &Gateway) -> String {
     get_text(gw.url("/metrics")).await
 }
+
+/// The usage spool of state directory `dir`, opened as an earlier run would have left it
+/// (the gateway must not be running on it).
+pub fn spool_in(dir: &std::path::Path) -> llm_gateway::ledger::spool::Spool {
+    llm_gateway::ledger::spool::Spool::open(llm_gateway::ledger::spool::SpoolConfig {
+        dir: dir.join("spool"),
+        segment_bytes: 1 << 20,
+        max_bytes: 1 << 30,
+    })
+    .unwrap()
+}
