@@ -544,8 +544,9 @@ async fn sigterm_with_a_hung_database_exits_within_the_bound_and_ships_at_the_ne
     assert!(status.success(), "{status}");
     eprintln!("exit after SIGTERM with the database hung: {took:?}");
     assert!(
-        took < Duration::from_millis(3500),
-        "exit took {took:?}: shutdown_timeout 2 s, plus at most 1 s for the registry"
+        took < Duration::from_millis(4000),
+        "exit took {took:?}: shutdown_timeout 2 s, plus at most 1 s for the registry and the \
+         pool (and some slack for a loaded machine)"
     );
     cluster.thaw();
     let store = store_at(&url).await;
