@@ -33,6 +33,14 @@ struct Proc {
     url: String,
 }
 
+impl Proc {
+    /// `kill -9`, and waits until the process is gone.
+    fn sigkill(&mut self) {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL).unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -311,8 +319,7 @@ async fn sigkill_under_load_then_restart_loses_no_record() {
     let done = Arc::new(Completed::default());
     let load = tokio::spawn(load(gw.url.clone(), 4, stop.clone(), done.clone()));
     done.until(200).await;
-    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
-    gw.child.wait().unwrap();
+    gw.sigkill();
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     let expected = done.ids.lock().unwrap().clone();
@@ -370,8 +377,7 @@ async fn streams_cut_by_sigkill_leave_interrupted_rows() {
         }
         open.push((id, body));
     }
-    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
-    gw.child.wait().unwrap();
+    gw.sigkill();
     drop(open);
 
     let _gw = spawn(&config, &[("LLM_GATEWAY__LEDGER__FLUSH_INTERVAL", "50ms")]).await;
@@ -402,8 +408,7 @@ async fn a_restarted_instance_does_not_count_its_dead_predecessor() {
     } = setup("").await;
     let beat = [("LLM_GATEWAY__STORAGE__HEARTBEAT_INTERVAL", "1s")];
     let mut gw = spawn(&config, &beat).await;
-    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
-    gw.child.wait().unwrap();
+    gw.sigkill();
     let gw = spawn(&config, &beat).await;
     let store = store_at(&url).await;
     // Wait for the second heartbeat of the new instance: it counts the live instances while
@@ -438,8 +443,7 @@ async fn a_torn_spool_record_is_skipped_and_the_others_are_kept() {
     } = setup(HOLD_BACK).await;
     let mut gw = spawn(&config, &[]).await;
     let ids = send_each(&gw.url, "torn", 20, false).await;
-    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGKILL).unwrap();
-    gw.child.wait().unwrap();
+    gw.sigkill();
 
     // Cut the newest segment in the middle of its last record.
     let mut segments: Vec<PathBuf> = std::fs::read_dir(dir.path().join("spool"))

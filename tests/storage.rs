@@ -264,16 +264,11 @@ async fn token_reservations_are_settled_with_real_usage(db: Db) {
     let s = setup(db, "keys").await;
     // The estimate reserves max_completion_tokens (1000) + the prompt; the mock ignores
     // that field and answers with 8 tokens, so ~40 are really used.
-    let key = s
-        .key(
-            None,
-            Limits {
-                rpm: None,
-                tpm: Some(1500),
-            },
-            None,
-        )
-        .await;
+    let tpm_1500 = Limits {
+        rpm: None,
+        tpm: Some(1500),
+    };
+    let key = s.key(None, tpm_1500, None).await;
     let mut body = chat_body(false);
     body["max_completion_tokens"] = 1000.into();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -306,16 +301,7 @@ async fn token_reservations_are_settled_with_real_usage(db: Db) {
     );
 
     // Without max_tokens, a request still reserves auth.reserve_completion_tokens (1024).
-    let another = s
-        .key(
-            None,
-            Limits {
-                rpm: None,
-                tpm: Some(1500),
-            },
-            None,
-        )
-        .await;
+    let another = s.key(None, tpm_1500, None).await;
     s.until_accepted(&another.secret).await;
     let r = s.post(Some(&another.secret), &chat_body(true)).await;
     assert_eq!(r.status(), 200);
