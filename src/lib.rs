@@ -1,39 +1,44 @@
 //! llm-gateway: an authenticated, metered, observable OpenAI-compatible front door to
 //! self-hosted inference servers. `serve` runs it on listeners the caller has bound.
+//!
+//! The tree is the map (docs/architecture.md has the picture):
+//!
+//! - `api/`: what a client meets first: the route table, authentication, the HTTP rules,
+//!   the status endpoints and the one wire format of errors.
+//! - `proxy/`: the request path, one file per phase: read, admit, attempt with failover,
+//!   respond (whole or streamed), account.
+//! - `access/`: who may call: API keys and their rate limits.
+//! - `upstream/`: where requests go: backends, the balancer, breakers, the health prober.
+//! - `storage/`: what is kept: the database, the usage ledger (spool and shipper), the
+//!   instance registry.
+//! - `runtime/`: the running process: server and connections, shared state and reload,
+//!   socket activation, systemd, logging, metrics, background tasks.
+//! - `config/`: the configuration schema by section, its validation, secrets.
+//! - `cli/`: the binary's commands (serve, demo, operator commands); `mock`: the bundled
+//!   mock upstream.
 
-pub(crate) mod accounting;
-pub mod activation;
-pub mod admin;
-pub mod auth;
-pub mod authn;
+mod access;
+mod api;
 pub mod cli;
 pub mod config;
-pub mod error;
-pub(crate) mod held_body;
-pub(crate) mod http_rules;
-pub mod ledger;
-pub mod metrics;
 pub mod mock;
-pub mod ops;
-pub mod periodic;
-pub mod proxy;
-pub mod ratelimit;
-pub mod registry;
-pub mod relay;
-pub mod reload;
-pub(crate) mod request_body;
-pub(crate) mod rewrite;
-pub mod routes;
-pub mod secret;
-pub mod server;
-pub mod sse;
-pub mod stall;
-pub mod state;
-pub mod store;
-pub mod systemd;
-pub mod telemetry;
-pub mod upstream;
-pub mod usage;
+mod proxy;
+mod runtime;
+mod storage;
+mod upstream;
 
 pub use config::Config;
-pub use server::{Listeners, ServeError, serve, serve_with_reload};
+pub use runtime::server::{Listeners, ServeError, serve, serve_with_reload};
+
+/// What the integration tests reach beyond `serve`: the pieces whose behaviour they check
+/// from outside (records in the database, the spool on disk, the route table).
+pub mod testing {
+    pub use crate::access::keys::{NewKey, generate as generate_key};
+    pub use crate::access::ratelimit::Limits;
+    pub use crate::api::authn::PUBLIC;
+    pub use crate::api::routes::api_table;
+    pub use crate::runtime::reload::{LoadConfig, Reload, SetLogLevel};
+    pub use crate::storage::database::usage_rows::{GroupBy, Outcome, UsageRecord};
+    pub use crate::storage::database::{Store, now_ms};
+    pub use crate::storage::ledger::spool::{Spool, SpoolConfig};
+}

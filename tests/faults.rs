@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use common::{chat_body, client, metric, mock, pg::PgCluster};
 use llm_gateway::Config;
 use llm_gateway::mock::MockBehavior;
-use llm_gateway::store::Store;
-use llm_gateway::store::usage::Outcome;
+use llm_gateway::testing::Outcome;
+use llm_gateway::testing::Store;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -592,7 +592,7 @@ async fn keys_keep_working_while_the_database_is_down() {
     let cluster = PgCluster::start();
     let url = cluster.create_database("keys");
     let store = store_at(&url).await;
-    let key = llm_gateway::auth::generate("k", None, Default::default(), None);
+    let key = llm_gateway::testing::generate_key("k", None, Default::default(), None);
     store.insert_key(&key.row).await.unwrap();
     store.close().await;
     let (gw, _up, _dir) =

@@ -18,8 +18,8 @@ use std::time::Duration;
 use common::tmpfs::Tmpfs;
 use common::{Gateway, chat_body, client, config_for, metric, metrics_text, mock, wait_for_async};
 use llm_gateway::Config;
-use llm_gateway::store::Store;
-use llm_gateway::store::usage::Outcome;
+use llm_gateway::testing::Outcome;
+use llm_gateway::testing::Store;
 use serde_json::Value;
 
 /// A gateway in open mode on one mock upstream, with its state in `state_dir`, the database

@@ -13,11 +13,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{Gateway, chat_body, client, config_for, health, metric, metrics_text, mock, pg};
-use llm_gateway::auth;
-use llm_gateway::ratelimit::Limits;
-use llm_gateway::store::Store;
-use llm_gateway::store::usage::{GroupBy, Outcome, UsageRecord};
-use llm_gateway::{Config, admin};
+use llm_gateway::Config;
+use llm_gateway::cli::admin;
+use llm_gateway::testing::{GroupBy, Limits, NewKey, Outcome, Store, UsageRecord, generate_key};
 use serde_json::Value;
 
 #[derive(Clone, Copy, Debug)]
@@ -70,8 +68,8 @@ impl Setup {
         models: Option<Vec<String>>,
         limits: Limits,
         expires: Option<i64>,
-    ) -> auth::NewKey {
-        let key = auth::generate("test", models, limits, expires);
+    ) -> NewKey {
+        let key = generate_key("test", models, limits, expires);
         self.store.insert_key(&key.row).await.unwrap();
         key
     }
@@ -148,7 +146,7 @@ async fn keys_are_required_and_checked(db: Db) {
         .key(
             None,
             Limits::default(),
-            Some(llm_gateway::store::now_ms() + 300),
+            Some(llm_gateway::testing::now_ms() + 300),
         )
         .await;
     s.until_accepted(&expired.secret).await;
@@ -687,7 +685,7 @@ async fn instances_sharing_a_database_split_a_keys_limits() {
     let store = Store::open(&Config::from_toml(&toml(dirs[0].path())).unwrap())
         .await
         .unwrap();
-    let key = auth::generate(
+    let key = generate_key(
         "shared",
         None,
         Limits {
@@ -751,7 +749,7 @@ async fn keys_are_required_by_default() {
 async fn every_api_route_but_the_public_ones_needs_a_key() {
     let s = setup(Db::Sqlite, "keys").await;
     let mut walked = 0;
-    for (method, path, _) in llm_gateway::routes::api_table(true) {
+    for (method, path, _) in llm_gateway::testing::api_table(true) {
         let concrete = path.replace("{*model}", "m");
         let r = client()
             .request(method.clone(), s.gw.url(&concrete))
@@ -759,7 +757,7 @@ async fn every_api_route_but_the_public_ones_needs_a_key() {
             .send()
             .await
             .unwrap();
-        if llm_gateway::authn::PUBLIC.contains(&path) {
+        if llm_gateway::testing::PUBLIC.contains(&path) {
             assert_ne!(r.status(), 401, "{method} {path} is public");
         } else {
             assert!(
@@ -792,9 +790,9 @@ async fn a_key_sees_only_its_models_and_must_send_one_authorization_header() {
     let config = Config::from_toml(&toml).unwrap();
     let gw = Gateway::start(&toml).await;
     let store = Store::open(&config).await.unwrap();
-    let limited = auth::generate("limited", Some(vec!["m".into()]), Limits::default(), None);
+    let limited = generate_key("limited", Some(vec!["m".into()]), Limits::default(), None);
     store.insert_key(&limited.row).await.unwrap();
-    let all = auth::generate("all", None, Limits::default(), None);
+    let all = generate_key("all", None, Limits::default(), None);
     store.insert_key(&all.row).await.unwrap();
     let models = |key: String| {
         let url = gw.url("/v1/models");

@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::secret::Secret;
 use crate::config::{BackendConfig, BreakerConfig, UpstreamConfig};
-use crate::secret::Secret;
 
 use super::breaker::{Admission, Breaker, BreakerState};
 

@@ -1,9 +1,9 @@
 //! Backends: their live state, the balancer that picks one, and the health prober.
 
-pub mod backend;
-pub mod balancer;
-pub mod breaker;
-pub mod prober;
+pub(crate) mod backend;
+pub(crate) mod balancer;
+pub(crate) mod breaker;
+pub(crate) mod prober;
 
 pub use backend::{Attempt, Backend, Health};
 

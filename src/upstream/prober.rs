@@ -6,10 +6,10 @@ use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthCheckConfig;
-use crate::periodic::{Cut, Periodic};
+use crate::runtime::periodic::{Cut, Periodic};
 
 use super::Backend;
-use crate::state::AppState;
+use crate::runtime::state::AppState;
 
 /// Probes the backends of the configuration in effect every `health_check.interval` until
 /// `cancel` fires; a reload changes what is probed and how from the next round on. The

@@ -269,8 +269,8 @@ pub async fn metrics_text(gw: &Gateway) -> String {
 
 /// The usage spool of state directory `dir`, opened as an earlier run would have left it
 /// (the gateway must not be running on it).
-pub fn spool_in(dir: &std::path::Path) -> llm_gateway::ledger::spool::Spool {
-    llm_gateway::ledger::spool::Spool::open(llm_gateway::ledger::spool::SpoolConfig {
+pub fn spool_in(dir: &std::path::Path) -> llm_gateway::testing::Spool {
+    llm_gateway::testing::Spool::open(llm_gateway::testing::SpoolConfig {
         dir: dir.join("spool"),
         segment_bytes: 1 << 20,
         max_bytes: 1 << 30,

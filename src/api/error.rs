@@ -1,0 +1,492 @@
+//! API errors and the one place they become OpenAI-style JSON responses.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::access::keys::AuthFailure;
+use crate::access::ratelimit::{LimitKind, Refusal, Snapshot, format_reset};
+
+/// An error from an upstream that is safe to show the client: only OpenAI's four fields,
+/// with the backend's credentials scrubbed from the message.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UpstreamErrorBody {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// Every way an API request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("We could not parse the JSON body of your request: {0}")]
+    InvalidJson(String),
+    #[error("{message}")]
+    InvalidParam {
+        param: &'static str,
+        code: &'static str,
+        message: String,
+    },
+    #[error("Unsupported Content-Type {0:?}; send application/json.")]
+    UnsupportedMediaType(String),
+    #[error("The request body was not received in time.")]
+    BodyTimeout,
+    #[error("The request body could not be read (a broken chunked encoding or connection).")]
+    BodyBroken,
+    #[error("Request body is larger than the limit of {limit} bytes.")]
+    BodyTooLarge { limit: usize },
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("Unknown request URL: {0}.")]
+    UnknownPath(String),
+    #[error("Send exactly one Host header (RFC 9112, section 3.2).")]
+    InvalidHost,
+    #[error("Method {0} is not allowed for this URL.")]
+    MethodNotAllowed(String),
+    #[error("{}", auth_message(*.0))]
+    Unauthorized(AuthFailure),
+    #[error("This API key may not use the model `{0}`.")]
+    ModelNotAllowed(String),
+    #[error("{}", rate_limit_message(.0))]
+    RateLimited(Refusal),
+    #[error("The gateway is handling too many requests; retry shortly.")]
+    Overloaded,
+    #[error("The gateway cannot record usage right now (its ledger spool is full); retry shortly.")]
+    LedgerFull,
+    #[error(
+        "The gateway cannot record usage right now (its ledger spool cannot be written); retry shortly."
+    )]
+    LedgerUnavailable,
+    #[error("No healthy backend is available for model `{0}`; retry shortly.")]
+    NoHealthyBackend(String),
+    #[error("All backends for model `{0}` are at their concurrency limit; retry shortly.")]
+    BackendsSaturated(String),
+    #[error("The upstream server did not answer in time.")]
+    UpstreamTimeout,
+    #[error("Could not reach an upstream server for this model.")]
+    UpstreamUnreachable,
+    #[error("The upstream server returned an invalid response.")]
+    UpstreamInvalid,
+    /// The upstream answered with an error status; its body is shown when it is safe.
+    #[error("The upstream server returned an error (HTTP {status}).")]
+    UpstreamStatus {
+        status: StatusCode,
+        body: Option<Box<UpstreamErrorBody>>,
+        retry_after: Option<HeaderValue>,
+    },
+}
+
+impl ApiError {
+    /// A 400 for a parameter with the wrong type or value.
+    pub fn invalid_type(param: &'static str, expected: &str) -> Self {
+        Self::InvalidParam {
+            param,
+            code: "invalid_type",
+            message: format!("Invalid type for '{param}': expected {expected}."),
+        }
+    }
+
+    /// A 400 for a required parameter that is absent.
+    pub fn missing(param: &'static str) -> Self {
+        Self::InvalidParam {
+            param,
+            code: "missing_required_parameter",
+            message: format!("Missing required parameter: '{param}'."),
+        }
+    }
+
+    /// HTTP status sent to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidJson(_)
+            | Self::InvalidParam { .. }
+            | Self::BodyBroken
+            | Self::InvalidHost => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::ModelNotFound(_) | Self::UnknownPath(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::LedgerFull
+            | Self::LedgerUnavailable
+            | Self::Overloaded
+            | Self::NoHealthyBackend(_)
+            | Self::BackendsSaturated(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamUnreachable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
+            Self::UpstreamStatus { status, .. } => client_status_for_upstream(*status),
+        }
+    }
+
+    /// Refused by the gateway itself before any backend was tried, for lack of capacity:
+    /// such requests are counted in metrics but not written to the usage ledger (under
+    /// overload they would be most of it).
+    pub fn is_shed(&self) -> bool {
+        matches!(
+            self,
+            Self::Overloaded
+                | Self::BackendsSaturated(_)
+                | Self::NoHealthyBackend(_)
+                | Self::LedgerFull
+                | Self::LedgerUnavailable
+        )
+    }
+
+    /// Low-cardinality name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::InvalidParam { .. } => "invalid_param",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyTimeout => "body_timeout",
+            Self::BodyBroken => "invalid_body",
+            Self::ModelNotFound(_) => "model_not_found",
+            Self::UnknownPath(_) => "unknown_path",
+            Self::InvalidHost => "invalid_host_header",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::RateLimited(_) => "rate_limited",
+            Self::Overloaded => "overloaded",
+            Self::LedgerFull => "ledger_full",
+            Self::LedgerUnavailable => "ledger_unavailable",
+            Self::NoHealthyBackend(_) => "no_healthy_backend",
+            Self::BackendsSaturated(_) => "backends_saturated",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamInvalid => "upstream_invalid",
+            Self::UpstreamStatus { .. } => "upstream_status",
+        }
+    }
+
+    fn error_type(&self) -> &'static str {
+        if let Self::RateLimited(r) = self {
+            // OpenAI names the exhausted limit here.
+            return match r.kind {
+                LimitKind::Requests => "requests",
+                LimitKind::Tokens => "tokens",
+            };
+        }
+        match self.status() {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidParam { param, .. } => Some(param),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidParam { code, .. } => code,
+            Self::Unauthorized(_) => "invalid_api_key",
+            Self::RateLimited(_) => "rate_limit_exceeded",
+            Self::UpstreamStatus { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                "rate_limit_exceeded"
+            }
+            other => other.kind(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<HeaderValue> {
+        match self {
+            Self::Overloaded
+            | Self::LedgerFull
+            | Self::LedgerUnavailable
+            | Self::NoHealthyBackend(_)
+            | Self::BackendsSaturated(_) => Some(HeaderValue::from_static("1")),
+            Self::RateLimited(r) => Some(HeaderValue::from(
+                r.retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            )),
+            Self::UpstreamStatus { retry_after, .. } => retry_after.clone(),
+            _ => None,
+        }
+    }
+}
+
+fn auth_message(failure: AuthFailure) -> &'static str {
+    match failure {
+        AuthFailure::Missing => {
+            "You didn't provide an API key. Send it in an Authorization header using Bearer \
+             auth (Authorization: Bearer YOUR_KEY)."
+        }
+        AuthFailure::Invalid => "Incorrect API key provided.",
+        AuthFailure::Revoked => "This API key has been revoked.",
+        AuthFailure::Expired => "This API key has expired.",
+        AuthFailure::Multiple => "Send exactly one Authorization header.",
+    }
+}
+
+fn rate_limit_message(r: &Refusal) -> String {
+    let what = match r.kind {
+        LimitKind::Requests => "requests per min (RPM)",
+        LimitKind::Tokens => "tokens per min (TPM)",
+    };
+    format!(
+        "Rate limit reached for {what}: Limit {}, Requested {}. Please try again in {}.",
+        r.limit,
+        r.requested,
+        format_reset(r.retry_after)
+    )
+}
+
+/// `x-ratelimit-*` headers as OpenAI sends them, for the limits a key has.
+pub fn rate_limit_headers(headers: &mut axum::http::HeaderMap, s: &Snapshot) {
+    use axum::http::HeaderName;
+    const NAMES: [[HeaderName; 3]; 2] = [
+        [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+        ],
+        [
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ],
+    ];
+    for ([limit, remaining, reset], bucket) in NAMES.into_iter().zip([s.requests, s.tokens]) {
+        let Some(b) = bucket else { continue };
+        headers.insert(limit, HeaderValue::from(b.limit));
+        headers.insert(remaining, HeaderValue::from(b.remaining));
+        if let Ok(v) = HeaderValue::try_from(format_reset(b.reset)) {
+            headers.insert(reset, v);
+        }
+    }
+}
+
+/// Upstream 4xx that describe the client's request pass through; anything that describes
+/// the gateway's own relation to the backend (auth, routing, server errors) is a 502.
+fn client_status_for_upstream(status: StatusCode) -> StatusCode {
+    if upstream_status_is_clients(status) || status == StatusCode::TOO_MANY_REQUESTS {
+        status
+    } else {
+        StatusCode::BAD_GATEWAY
+    }
+}
+
+/// Upstream statuses that describe the client's own request (so another backend would
+/// answer the same): passed on, never retried.
+pub fn upstream_status_is_clients(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 413 | 422)
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let own_message = self.to_string();
+        let body = match &self {
+            // A 502: the gateway's own type and code (`upstream_status`), the backend's
+            // message (cleaned) when it sent one.
+            Self::UpstreamStatus {
+                body: Some(upstream),
+                ..
+            } if status == StatusCode::BAD_GATEWAY => Body {
+                message: &upstream.message,
+                kind: self.error_type(),
+                param: None,
+                code: Some(self.code()),
+            },
+            // The client's own mistake (400/413/422) or the backend's 429: passed on.
+            Self::UpstreamStatus {
+                body: Some(upstream),
+                ..
+            } => Body {
+                message: &upstream.message,
+                kind: upstream.kind.as_deref().unwrap_or(self.error_type()),
+                param: upstream.param.as_deref(),
+                code: upstream.code.as_deref().or(Some(self.code())),
+            },
+            _ => Body {
+                message: &own_message,
+                kind: self.error_type(),
+                param: self.param(),
+                code: Some(self.code()),
+            },
+        };
+        let json = serde_json::to_vec(&Envelope { error: body }).unwrap_or_default();
+        let mut response = (status, Bytes::from(json)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(v) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, v);
+        }
+        match &self {
+            Self::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The rest of the body may not have been read: the connection cannot be reused.
+            Self::BodyTooLarge { .. } | Self::BodyTimeout | Self::BodyBroken => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Self::RateLimited(r) => rate_limit_headers(headers, &r.snapshot),
+            _ => {}
+        }
+        response
+    }
+}
+
+/// Extracts a showable error from an upstream error body: `{"error": {...}}` (OpenAI,
+/// vLLM) or `{"error": "text"}` (llama.cpp, Ollama), with `secrets` replaced and the
+/// message capped. Anything else yields `None` and the client gets the gateway's message.
+pub fn sanitize_upstream_error(body: &[u8], secrets: &[&str]) -> Option<UpstreamErrorBody> {
+    #[derive(serde::Deserialize)]
+    struct Outer {
+        error: Inner,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    #[expect(
+        clippy::large_enum_variant,
+        reason = "parsed once per upstream error, never stored"
+    )]
+    enum Inner {
+        Object {
+            message: String,
+            #[serde(rename = "type", default)]
+            kind: Option<serde_json::Value>,
+            #[serde(default)]
+            param: Option<serde_json::Value>,
+            #[serde(default)]
+            code: Option<serde_json::Value>,
+        },
+        Text(String),
+    }
+    fn text(v: Option<serde_json::Value>) -> Option<String> {
+        match v? {
+            serde_json::Value::String(s) => Some(s),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+    const MAX: usize = 1024;
+    let outer: Outer = serde_json::from_slice(body).ok()?;
+    let (message, kind, param, code) = match outer.error {
+        Inner::Object {
+            message,
+            kind,
+            param,
+            code,
+        } => (message, text(kind), text(param), text(code)),
+        Inner::Text(message) => (message, None, None, None),
+    };
+    let scrub = |mut s: String| {
+        for secret in secrets.iter().filter(|s| !s.is_empty()) {
+            s = s.replace(secret, "[redacted]");
+        }
+        if s.contains("Bearer ") {
+            return "[redacted]".to_owned();
+        }
+        s = redact_key_like(&s);
+        if s.len() > MAX {
+            let mut cut = MAX;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+        }
+        s
+    };
+    Some(UpstreamErrorBody {
+        message: scrub(message),
+        kind: kind.map(scrub),
+        param: param.map(scrub),
+        code: code.map(scrub),
+    })
+}
+
+/// Replaces words that look like API keys (`sk-` and at least 16 more key characters).
+fn redact_key_like(s: &str) -> String {
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find("sk-") {
+        let starts_word = rest[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !is_key_char(c));
+        let tail = &rest[at + 3..];
+        let len = tail.find(|c| !is_key_char(c)).unwrap_or(tail.len());
+        out.push_str(&rest[..at]);
+        if starts_word && len >= 16 {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(&rest[at..at + 3 + len]);
+        }
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_shaped_error_passes_with_secret_scrubbed() {
+        let body = br#"{"error":{"message":"bad key k-123 for you","type":"invalid_request_error","param":null,"code":400,"extra":"x"}}"#;
+        let e = sanitize_upstream_error(body, &["k-123"]).unwrap();
+        assert_eq!(e.message, "bad key [redacted] for you");
+        assert_eq!(e.code.as_deref(), Some("400"));
+        assert_eq!(e.param, None);
+    }
+
+    #[test]
+    fn bearer_tokens_are_never_echoed() {
+        let body = br#"{"error":"header was Bearer abc"}"#;
+        let e = sanitize_upstream_error(body, &[]).unwrap();
+        assert_eq!(e.message, "[redacted]");
+    }
+
+    #[test]
+    fn key_like_words_are_redacted_but_ordinary_words_stay() {
+        let body = br#"{"error":"bad key sk-abcdefghijklmnop1234 for task-sk-1 on disk-sk-x"}"#;
+        let e = sanitize_upstream_error(body, &[]).unwrap();
+        assert_eq!(e.message, "bad key [redacted] for task-sk-1 on disk-sk-x");
+    }
+
+    #[test]
+    fn non_openai_bodies_are_dropped() {
+        assert!(sanitize_upstream_error(b"<html>oops</html>", &[]).is_none());
+        assert!(sanitize_upstream_error(br#"{"detail":"x"}"#, &[]).is_none());
+    }
+
+    #[test]
+    fn long_messages_are_capped() {
+        let long = "é".repeat(2000);
+        let body = format!(r#"{{"error":{{"message":"{long}"}}}}"#);
+        let e = sanitize_upstream_error(body.as_bytes(), &[]).unwrap();
+        assert!(e.message.len() <= 1024);
+    }
+}

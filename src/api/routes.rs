@@ -1,0 +1,68 @@
+//! Route tables: which path goes to which handler, and which layers wrap them.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::Method;
+use axum::routing::{MethodRouter, get, post};
+
+use crate::api::{authn, status};
+use crate::proxy;
+use crate::runtime::state::AppState;
+use crate::runtime::telemetry;
+
+/// One route: method, path, handler.
+pub type RouteEntry = (Method, &'static str, MethodRouter<Arc<AppState>>);
+
+/// Every route of the API listener (`/metrics` too unless it has its own listener). Each
+/// one is behind `authn::authenticate` unless its path is in `authn::PUBLIC`.
+pub fn api_table(with_metrics: bool) -> Vec<RouteEntry> {
+    let mut table = vec![
+        (
+            Method::POST,
+            "/v1/chat/completions",
+            post(proxy::chat_completions),
+        ),
+        (Method::POST, "/v1/completions", post(proxy::completions)),
+        (Method::POST, "/v1/embeddings", post(proxy::embeddings)),
+        (Method::GET, "/v1/models", get(status::list_models)),
+        (Method::GET, "/v1/models/{*model}", get(status::get_model)),
+        (Method::GET, "/health", get(status::health)),
+        (Method::GET, "/ready", get(status::ready)),
+    ];
+    if with_metrics {
+        table.push((Method::GET, "/metrics", get(status::metrics)));
+    }
+    table
+}
+
+/// The API listener's router.
+pub fn api(state: Arc<AppState>, with_metrics: bool) -> Router {
+    let router = api_table(with_metrics)
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
+        .fallback(status::not_found)
+        .method_not_allowed_fallback(status::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authn::authenticate,
+        ));
+    finish(router, state)
+}
+
+/// The separate metrics listener's routes.
+pub fn metrics(state: Arc<AppState>) -> Router {
+    let router = Router::new()
+        .route("/metrics", get(status::metrics))
+        .fallback(status::not_found)
+        .method_not_allowed_fallback(status::method_not_allowed);
+    finish(router, state)
+}
+
+fn finish(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    router
+        .layer(axum::middleware::from_fn(telemetry::request_context))
+        .with_state(state)
+}

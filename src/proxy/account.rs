@@ -1,0 +1,207 @@
+//! Accounting for one proxied request: what is settled, counted, logged and written to the
+//! usage ledger when it ends (exactly once, also when the client goes away), and the
+//! provisional ledger record a stream leaves when its first byte goes out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderValue;
+
+use crate::access::keys::KeyEntry;
+use crate::access::ratelimit::{Limiter, Snapshot};
+use crate::config::AccessLog;
+use crate::proxy::Endpoint;
+use crate::proxy::tokens::Tokens;
+use crate::runtime::metrics::RequestSample;
+use crate::runtime::state::AppState;
+use crate::storage::database::now_ms;
+use crate::storage::database::usage_rows::{Outcome, UsageRecord};
+
+/// Status logged for a client that went away before the answer (nginx's convention).
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+const I64_MAX: u64 = i64::MAX.unsigned_abs();
+/// Token counts above this (2^40) are recorded as this, so that sums over millions of
+/// rows stay far from overflowing 64 bits.
+const MAX_RECORDED_TOKENS: u64 = 1 << 40;
+
+/// What is counted and logged once a request is over.
+pub(crate) struct Record {
+    pub(crate) state: Arc<AppState>,
+    pub(crate) span: tracing::Span,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) started: Instant,
+    pub(crate) model: Option<Arc<str>>,
+    pub(crate) backend: Option<Arc<str>>,
+    pub(crate) attempts: u32,
+    pub(crate) stream: bool,
+    pub(crate) ttft: Option<Duration>,
+    finished: bool,
+    /// Request id as sent to the client and upstream.
+    pub(crate) request_id: HeaderValue,
+    /// Authenticated (or open mode): the request goes into the usage ledger.
+    pub(crate) ledgered: bool,
+    /// The ledger id, chosen when a provisional record was written (streams).
+    ledger_id: Option<String>,
+    /// The client's key (keys mode).
+    pub(crate) key: Option<Arc<KeyEntry>>,
+    /// Tokens reserved from the key's limiter, settled at the end.
+    pub(crate) reservation: Option<(Arc<Limiter>, u64)>,
+    /// Rate-limit state for the response headers.
+    pub(crate) limits: Option<Snapshot>,
+    /// Which requests get an access log event.
+    access_log: AccessLog,
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        // The handler future was dropped mid-flight: the client disconnected before any
+        // response; the upstream request was cancelled with it.
+        self.finish(
+            CLIENT_CLOSED_REQUEST,
+            None,
+            Some("client_disconnected"),
+            Outcome::ClientDisconnected,
+        );
+    }
+}
+
+impl Record {
+    /// A request that has just arrived.
+    pub(crate) fn new(
+        state: Arc<AppState>,
+        endpoint: Endpoint,
+        request_id: HeaderValue,
+        key: Option<Arc<KeyEntry>>,
+        access_log: AccessLog,
+    ) -> Self {
+        Self {
+            state,
+            span: tracing::Span::current(),
+            endpoint,
+            started: Instant::now(),
+            model: None,
+            backend: None,
+            attempts: 0,
+            stream: false,
+            ttft: None,
+            finished: false,
+            request_id,
+            ledgered: false,
+            ledger_id: None,
+            key,
+            reservation: None,
+            limits: None,
+            access_log,
+        }
+    }
+
+    /// Writes the stream's provisional ledger record as its first bytes go out: the row
+    /// that remains (outcome `interrupted`, prompt tokens estimated from `prompt_bytes`, no
+    /// completion tokens, latency so far) if the process dies before the stream ends. The
+    /// final record has the same id and replaces it.
+    pub(crate) fn begin_stream(&mut self, prompt_bytes: usize) {
+        if !self.ledgered {
+            return;
+        }
+        let tokens = Tokens {
+            prompt: Tokens::estimate_from_bytes(prompt_bytes),
+            completion: 0,
+            estimated: true,
+        };
+        let record = self.usage_record(200, tokens, Outcome::Interrupted);
+        self.state.ledger.append_begin(&record);
+        self.ledger_id = Some(record.id);
+    }
+
+    fn usage_record(&self, status: u16, t: Tokens, outcome: Outcome) -> UsageRecord {
+        UsageRecord {
+            // Time-ordered, so the primary key index grows at its end instead of touching
+            // random pages (and writing their full images to the WAL).
+            id: self
+                .ledger_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
+            ts_ms: now_ms(),
+            key_id: self.key.as_ref().map(|k| k.id.to_string()),
+            model: self.model.as_deref().map(str::to_owned),
+            backend: self.backend.as_deref().map(str::to_owned),
+            endpoint: self.endpoint.label().to_owned(),
+            status,
+            // A backend may report absurd counts; sums over them must not overflow.
+            prompt_tokens: t.prompt.min(MAX_RECORDED_TOKENS),
+            completion_tokens: t.completion.min(MAX_RECORDED_TOKENS),
+            estimated: t.estimated,
+            latency_us: micros(self.started.elapsed()),
+            ttft_us: self.ttft.map(micros),
+            client_disconnected: outcome == Outcome::ClientDisconnected,
+            instance_id: self.state.instance_id.to_string(),
+            outcome,
+        }
+    }
+
+    /// Settles the rate limit, writes the ledger record, counts and logs the request; only
+    /// the first call does anything.
+    pub(crate) fn finish(
+        &mut self,
+        status: u16,
+        tokens: Option<Tokens>,
+        error: Option<&str>,
+        outcome: Outcome,
+    ) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let duration = self.started.elapsed();
+        let t = tokens.unwrap_or_default();
+        if let Some((limiter, estimated)) = self.reservation.take() {
+            limiter.settle(estimated, t.prompt.saturating_add(t.completion));
+        }
+        if self.ledgered {
+            self.state
+                .ledger
+                .append(&self.usage_record(status, t, outcome));
+        }
+        self.state.metrics.record_request(&RequestSample {
+            endpoint: self.endpoint.label(),
+            model: self.model.as_ref(),
+            backend: self.backend.as_ref(),
+            status,
+            duration,
+            ttft: self.ttft,
+            tokens,
+        });
+        let logged = match self.access_log {
+            AccessLog::All => true,
+            AccessLog::Errors => status >= 400 || outcome != Outcome::Complete,
+            AccessLog::Off => false,
+        };
+        if !logged {
+            return;
+        }
+        let _entered = self.span.enter();
+        tracing::info!(
+            target: "llm_gateway::access",
+            endpoint = self.endpoint.label(),
+            key = self.key.as_ref().map_or("-", |k| &k.id),
+            model = self.model.as_deref().unwrap_or("-"),
+            backend = self.backend.as_deref().unwrap_or("-"),
+            status,
+            latency_ms = duration.as_secs_f64() * 1000.0,
+            ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1000.0),
+            prompt_tokens = t.prompt,
+            completion_tokens = t.completion,
+            tokens_estimated = t.estimated,
+            attempts = self.attempts,
+            stream = self.stream,
+            client_disconnected = outcome == Outcome::ClientDisconnected,
+            outcome = outcome.as_str(),
+            error = error.unwrap_or("-"),
+            "request finished"
+        );
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(I64_MAX).min(I64_MAX)
+}

@@ -1,0 +1,256 @@
+//! The streamed response body: relays upstream SSE as it arrives, enforces the idle timeout,
+//! and reports how the stream ended exactly once (completed, broken, or client gone).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
+use tokio::time::{Instant, Sleep};
+
+use crate::proxy::sse::SseScanner;
+use crate::proxy::tokens::Usage;
+use crate::storage::database::usage_rows::Outcome;
+
+/// How a relayed stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Upstream finished the body with `data: [DONE]`.
+    Complete,
+    /// Upstream closed the body cleanly but without `[DONE]`: passed on as it is (some
+    /// server may omit it), counted and logged as incomplete.
+    Incomplete,
+    /// Upstream connection broke mid-stream.
+    UpstreamBroken,
+    /// Upstream stayed silent longer than the idle timeout.
+    IdleTimeout,
+    /// The client went away before the end; the upstream request is dropped with it.
+    ClientGone,
+}
+
+impl StreamEnd {
+    /// How the ledger records it.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Self::Complete => Outcome::Complete,
+            Self::Incomplete => Outcome::StreamIncomplete,
+            Self::UpstreamBroken => Outcome::StreamBroken,
+            Self::IdleTimeout => Outcome::StreamIdleTimeout,
+            Self::ClientGone => Outcome::ClientDisconnected,
+        }
+    }
+
+    /// Label for metrics and logs, `None` for a normal end.
+    pub fn error_kind(self) -> Option<&'static str> {
+        match self {
+            Self::Complete => None,
+            Self::Incomplete => Some("stream_incomplete"),
+            Self::UpstreamBroken => Some("stream_broken"),
+            Self::IdleTimeout => Some("stream_idle_timeout"),
+            Self::ClientGone => Some("client_disconnected"),
+        }
+    }
+}
+
+/// What the stream saw, handed to the completion callback.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSummary {
+    /// How it ended.
+    pub end: StreamEnd,
+    /// Usage reported upstream, if any.
+    pub usage: Option<Usage>,
+    /// Content events relayed (an estimate of completion tokens).
+    pub content_events: u64,
+}
+
+type OnEnd = Box<dyn FnOnce(StreamSummary) + Send>;
+
+/// A response body stream over an upstream SSE body.
+pub struct Relay {
+    first: Option<Bytes>,
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    scanner: SseScanner,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    /// How the upstream ended, noticed while a batch was still to be sent.
+    deferred: Option<StreamEnd>,
+    on_end: Option<OnEnd>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("scanner", &self.scanner)
+            .field("ended", &self.on_end.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Relays `first` then the rest of `upstream`; `on_end` runs once when the stream ends
+    /// or is dropped.
+    pub fn new(
+        first: Bytes,
+        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        scanner: SseScanner,
+        idle_timeout: Duration,
+        on_end: OnEnd,
+    ) -> Self {
+        Self {
+            first: Some(first),
+            upstream,
+            scanner,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            deferred: None,
+            on_end: Some(on_end),
+        }
+    }
+
+    fn end(&mut self, end: StreamEnd) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(StreamSummary {
+                end,
+                usage: self.scanner.usage,
+                content_events: self.scanner.content_events,
+            });
+        }
+    }
+
+    /// Ends the stream: nothing more after a complete one, an error event the client's
+    /// SDK will surface after a broken one.
+    fn finish_with(&mut self, end: StreamEnd) -> Option<Bytes> {
+        self.end(end);
+        let message = match end {
+            StreamEnd::Complete | StreamEnd::Incomplete | StreamEnd::ClientGone => return None,
+            StreamEnd::UpstreamBroken => "The upstream server broke off the stream.",
+            StreamEnd::IdleTimeout => "The upstream server stopped sending; stream closed.",
+        };
+        let code = end.error_kind().unwrap_or("upstream_error");
+        let event = format!(
+            "data: {{\"error\":{{\"message\":\"{message}\",\"type\":\"server_error\",\"param\":null,\"code\":\"{code}\"}}}}\n\n"
+        );
+        Some(Bytes::from(event))
+    }
+}
+
+/// Most bytes gathered into one write when upstream chunks arrive together.
+const MAX_BATCH: usize = 64 * 1024;
+/// Longest single SSE event accepted; an upstream that never ends an event is cut off
+/// rather than buffered without bound.
+const MAX_EVENT: usize = 1024 * 1024;
+
+/// Output gathered in one poll: one chunk is passed on as is, several are joined.
+#[derive(Default)]
+struct Batch {
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Batch {
+    fn add(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        match (&mut self.first, &mut self.joined) {
+            (None, _) => self.first = Some(bytes),
+            (Some(first), None) => {
+                let mut joined = BytesMut::with_capacity(first.len() + bytes.len());
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&bytes);
+                self.joined = Some(joined);
+            }
+            (Some(_), Some(joined)) => joined.extend_from_slice(&bytes),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match (&self.first, &self.joined) {
+            (_, Some(j)) => j.len(),
+            (Some(f), None) => f.len(),
+            (None, None) => 0,
+        }
+    }
+
+    fn take(self) -> Option<Bytes> {
+        match (self.first, self.joined) {
+            (_, Some(j)) => Some(j.freeze()),
+            (first, None) => first,
+        }
+    }
+}
+
+impl Stream for Relay {
+    type Item = Result<Bytes, std::io::Error>;
+
+    /// Passes on every event that is ready now, joined into one chunk, so a burst of tokens
+    /// costs one write to the client instead of one each; never waits to fill a batch.
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(end) = this.deferred.take() {
+            return Poll::Ready(this.finish_with(end).map(Ok));
+        }
+        if this.on_end.is_none() {
+            return Poll::Ready(None);
+        }
+        let mut batch = Batch::default();
+        if let Some(first) = this.first.take() {
+            batch.add(this.scanner.push(first));
+        }
+        let mut got_data = false;
+        let end = loop {
+            if batch.len() >= MAX_BATCH {
+                break None;
+            }
+            match this.upstream.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    got_data = true;
+                    batch.add(this.scanner.push(chunk));
+                    if this.scanner.pending_len() > MAX_EVENT {
+                        break Some(StreamEnd::UpstreamBroken);
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => break Some(StreamEnd::UpstreamBroken),
+                Poll::Ready(None) => {
+                    batch.add(this.scanner.finish());
+                    break Some(if this.scanner.done {
+                        StreamEnd::Complete
+                    } else {
+                        StreamEnd::Incomplete
+                    });
+                }
+                Poll::Pending => break None,
+            }
+        };
+        if got_data {
+            this.idle.as_mut().reset(Instant::now() + this.idle_timeout);
+        }
+        match (batch.take(), end) {
+            (Some(out), end) => {
+                if let Some(end) = end {
+                    // Account for the stream (usage ledger included) before its last
+                    // bytes go out, so a record exists for every answer a client has seen.
+                    this.end(end);
+                }
+                this.deferred = end;
+                Poll::Ready(Some(Ok(out)))
+            }
+            (None, Some(end)) => Poll::Ready(this.finish_with(end).map(Ok)),
+            (None, None) => {
+                // Waiting on upstream: the idle timer must be registered too.
+                if this.idle.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(this.finish_with(StreamEnd::IdleTimeout).map(Ok));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.end(StreamEnd::ClientGone);
+    }
+}

@@ -1,0 +1,242 @@
+//! Server-sent events pass-through: forwards complete events as they arrive, reads usage
+//! from them, and drops the usage-only chunk the gateway asked for on the client's behalf.
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use crate::proxy::tokens::Usage;
+
+/// Splits a byte stream into SSE events and inspects each one without re-serialising it.
+#[derive(Debug, Default)]
+pub struct SseScanner {
+    buf: BytesMut,
+    strip_usage_chunk: bool,
+    /// Usage seen so far (field-wise maximum).
+    pub usage: Option<Usage>,
+    /// Data events other than usage-only chunks and `[DONE]`: about one token each.
+    pub content_events: u64,
+    /// `data: [DONE]` was seen.
+    pub done: bool,
+}
+
+impl SseScanner {
+    /// A scanner; with `strip_usage_chunk`, chunks carrying usage and no choices are removed.
+    pub fn new(strip_usage_chunk: bool) -> Self {
+        Self {
+            strip_usage_chunk,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds upstream bytes; returns the complete events to forward (possibly empty).
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        if self.buf.is_empty() {
+            // Common case: nothing pending. Forward a slice of the chunk itself.
+            let (end, keep_all) = self.scan(&chunk);
+            if keep_all {
+                self.buf.extend_from_slice(&chunk[end..]);
+                return chunk.slice(..end);
+            }
+        }
+        self.buf.extend_from_slice(&chunk);
+        self.drain_complete()
+    }
+
+    /// Bytes held back waiting for the end of an event.
+    pub fn pending_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Returns whatever is left (an unterminated last event) at end of stream.
+    pub fn finish(&mut self) -> Bytes {
+        if self.buf.is_empty() {
+            return Bytes::new();
+        }
+        let rest = self.buf.split().freeze();
+        if self.inspect(&rest) {
+            rest
+        } else {
+            Bytes::new()
+        }
+    }
+
+    /// Scans complete events at the start of `data`, recording usage. Returns the end of the
+    /// last complete event and whether every event is kept. Only used on the fast path,
+    /// which re-scans via `drain_complete` when something must be dropped.
+    fn scan(&mut self, data: &[u8]) -> (usize, bool) {
+        let mut pos = 0;
+        let snapshot = (self.usage, self.content_events, self.done);
+        while let Some(len) = event_len(&data[pos..]) {
+            if !self.inspect(&data[pos..pos + len]) {
+                (self.usage, self.content_events, self.done) = snapshot;
+                return (0, false);
+            }
+            pos += len;
+        }
+        (pos, true)
+    }
+
+    fn drain_complete(&mut self) -> Bytes {
+        let data = std::mem::take(&mut self.buf).freeze();
+        let mut out: Option<BytesMut> = None;
+        let mut pos = 0;
+        while let Some(len) = event_len(&data[pos..]) {
+            let end = pos + len;
+            let keep = self.inspect(&data[pos..end]);
+            match (&mut out, keep) {
+                (None, true) | (Some(_), false) => {}
+                (None, false) => out = Some(BytesMut::from(&data[..pos])),
+                (Some(o), true) => o.extend_from_slice(&data[pos..end]),
+            }
+            pos = end;
+        }
+        self.buf.extend_from_slice(&data[pos..]);
+        match out {
+            None => data.slice(..pos),
+            Some(o) => o.freeze(),
+        }
+    }
+
+    /// Looks at one complete event; false means drop it.
+    fn inspect(&mut self, event: &[u8]) -> bool {
+        let Some(data) = data_field(event) else {
+            return true; // comments, `event:`-only or empty events pass untouched
+        };
+        let data = data.as_ref();
+        if data.trim_ascii() == b"[DONE]" {
+            self.done = true;
+            return true;
+        }
+        if has_usage_object(data) {
+            #[derive(Deserialize)]
+            struct Chunk {
+                #[serde(default)]
+                usage: Option<Usage>,
+                #[serde(default)]
+                choices: Option<Vec<IgnoredAny>>,
+            }
+            if let Ok(chunk) = serde_json::from_slice::<Chunk>(data)
+                && let Some(u) = chunk.usage
+            {
+                self.usage.get_or_insert_with(Usage::default).merge(u);
+                if chunk.choices.is_none_or(|c| c.is_empty()) {
+                    return !self.strip_usage_chunk;
+                }
+            }
+        }
+        self.content_events += 1;
+        true
+    }
+}
+
+/// Length of the first complete event in `data` including its blank-line terminator
+/// (`\n\n`, `\r\n\r\n` or `\r\r`: the spec allows all three line endings).
+fn event_len(data: &[u8]) -> Option<usize> {
+    for i in memchr::memchr2_iter(b'\n', b'\r', data) {
+        match (data[i], data.get(i + 1), data.get(i + 2)) {
+            (b'\n', Some(b'\n'), _) => return Some(i + 2),
+            (b'\n', Some(b'\r'), Some(b'\n')) => return Some(i + 3),
+            (b'\r', Some(b'\r'), _) => return Some(i + 2),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The event's data: the `data:` lines joined by `\n` (borrowed when there is one line).
+fn data_field(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    let mut found: Option<std::borrow::Cow<'_, [u8]>> = None;
+    for line in event.split(|&b| b == b'\n' || b == b'\r') {
+        let Some(value) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        found = Some(match found {
+            None => std::borrow::Cow::Borrowed(value),
+            Some(prev) => {
+                let mut joined = prev.into_owned();
+                joined.push(b'\n');
+                joined.extend_from_slice(value);
+                std::borrow::Cow::Owned(joined)
+            }
+        });
+    }
+    found
+}
+
+/// True when `data` contains `"usage":` followed by an object (not `null`).
+fn has_usage_object(data: &[u8]) -> bool {
+    memmem::find_iter(data, b"\"usage\"").any(|at| {
+        let rest = &data[at + 7..];
+        let rest = rest.trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|r| r.trim_ascii_start().starts_with(b"{"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+    const USAGE: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    fn run(strip: bool, pieces: &[&[u8]]) -> (String, SseScanner) {
+        let mut s = SseScanner::new(strip);
+        let mut out = Vec::new();
+        for p in pieces {
+            out.extend_from_slice(&s.push(Bytes::copy_from_slice(p)));
+        }
+        out.extend_from_slice(&s.finish());
+        (String::from_utf8(out).unwrap(), s)
+    }
+
+    #[test]
+    fn passes_events_and_strips_usage_chunk() {
+        let all = format!("{CHUNK}{CHUNK}{USAGE}{DONE}");
+        let (out, s) = run(true, &[all.as_bytes()]);
+        assert_eq!(out, format!("{CHUNK}{CHUNK}{DONE}"));
+        assert_eq!(s.usage.unwrap().completion_tokens, Some(2));
+        assert_eq!(s.content_events, 2);
+        assert!(s.done);
+        let (kept, _) = run(false, &[all.as_bytes()]);
+        assert_eq!(kept, all);
+    }
+
+    #[test]
+    fn handles_events_split_at_every_byte() {
+        let all = format!("{CHUNK}{USAGE}{CHUNK}{DONE}");
+        let pieces: Vec<&[u8]> = all.as_bytes().chunks(1).collect();
+        let (out, s) = run(true, &pieces);
+        assert_eq!(out, format!("{CHUNK}{CHUNK}{DONE}"));
+        assert_eq!(s.usage.unwrap().prompt_tokens, Some(3));
+    }
+
+    #[test]
+    fn crlf_events_and_unterminated_tail() {
+        let all = "data: {\"choices\":[{}]}\r\n\r\ndata: [DONE]";
+        let (out, s) = run(true, &[all.as_bytes()]);
+        assert_eq!(out, all);
+        assert!(s.done);
+        assert_eq!(s.content_events, 1);
+    }
+
+    #[test]
+    fn cr_only_line_endings_split_events() {
+        let all = "data: {\"choices\":[{}]}\r\rdata: {\"choices\":[],\"usage\":{\"completion_tokens\":1}}\r\rdata: [DONE]\r\r";
+        let (out, s) = run(true, &[all.as_bytes()]);
+        assert_eq!(out, "data: {\"choices\":[{}]}\r\rdata: [DONE]\r\r");
+        assert_eq!(s.content_events, 1);
+        assert!(s.done);
+    }
+
+    #[test]
+    fn usage_null_is_not_parsed_as_usage() {
+        assert!(!has_usage_object(br#"{"usage":null}"#));
+        assert!(has_usage_object(br#"{"usage" : {"a":1}}"#));
+    }
+}
