@@ -1,0 +1,324 @@
+//! Phase 3, attempt: choose a backend of the model (`upstream::balancer`), send the request
+//! to it, and fail over to another while nothing has reached the client, within
+//! `upstream.max_attempts` and `upstream.retry_budget`. As in pingora, a request is tried
+//! again only before any byte of the answer was sent; which failures may be retried, and
+//! which count against a backend's breaker, is decided here, per failure.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderValue, StatusCode, header};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+
+use super::Endpoint;
+use super::account::Record;
+use super::read::Parsed;
+use crate::api::error::{ApiError, sanitize_upstream_error, upstream_status_is_clients};
+use crate::runtime::state::{AppState, Configured, Model};
+use crate::runtime::telemetry::REQUEST_ID_HEADER;
+use crate::upstream::Attempt;
+use crate::upstream::balancer::{self, PickError};
+
+/// Largest upstream error body read (to show its message).
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+/// Largest non-streamed upstream answer accepted (embeddings of big batches are large).
+const RESPONSE_LIMIT: usize = 64 * 1024 * 1024;
+
+/// A successful upstream answer, before it becomes a response.
+pub(crate) enum Reply {
+    /// The whole body (non-streaming, or a backend that answered a stream request in one).
+    Full {
+        content_type: HeaderValue,
+        body: Bytes,
+    },
+    /// A stream whose first bytes arrived; the attempt stays open until it ends.
+    Stream {
+        first: Bytes,
+        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        attempt: Attempt,
+        idle_timeout: Duration,
+    },
+}
+
+/// Tries the model's backends until one answers, or none is left to try.
+pub(crate) async fn attempt(
+    state: &AppState,
+    current: &Configured,
+    endpoint: Endpoint,
+    model: &Model,
+    parsed: &mut Parsed,
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
+    let request_id = record.request_id.clone();
+    let upstream = &current.config.upstream;
+    let mut tried = Vec::with_capacity(model.routes.len());
+    let mut last_error: Option<ApiError> = None;
+    let budget_end = record.started + upstream.retry_budget;
+    for n in 0..upstream.max_attempts {
+        if n > 0 && Instant::now() >= budget_end {
+            break;
+        }
+        let (index, attempt) = match balancer::pick(&model.routes, &tried) {
+            Ok(picked) => picked,
+            Err(e) => {
+                if last_error.is_none() {
+                    last_error = Some(match e {
+                        PickError::NoneHealthy => ApiError::NoHealthyBackend(parsed.model.clone()),
+                        PickError::Saturated => ApiError::BackendsSaturated(parsed.model.clone()),
+                    });
+                }
+                break;
+            }
+        };
+        tried.push(index);
+        let route = &model.routes[index];
+        record.backend = Some(Arc::clone(&route.backend.name));
+        record.attempts += 1;
+        let body = parsed.bodies.body(route.upstream_model.as_deref());
+        let call = Call {
+            endpoint,
+            stream: parsed.stream,
+            request_id: &request_id,
+            started: record.started,
+        };
+        match call.send(attempt, body).await {
+            Ok((reply, ttft)) => {
+                record.ttft = ttft;
+                return Ok(reply);
+            }
+            Err(failure) => {
+                state
+                    .metrics
+                    .upstream_error(&route.backend.name, failure.kind);
+                tracing::warn!(
+                    backend = %route.backend.name,
+                    kind = failure.kind,
+                    retry = failure.retry,
+                    "upstream attempt failed"
+                );
+                if !failure.retry {
+                    return Err(failure.error);
+                }
+                last_error = Some(failure.error);
+            }
+        }
+    }
+    Err(last_error.unwrap_or(ApiError::UpstreamUnreachable))
+}
+
+/// Why one attempt failed, and whether another backend may be tried.
+struct Failure {
+    error: ApiError,
+    kind: &'static str,
+    retry: bool,
+}
+
+impl Failure {
+    fn retry(error: ApiError, kind: &'static str) -> Self {
+        Self {
+            error,
+            kind,
+            retry: true,
+        }
+    }
+    fn last(error: ApiError, kind: &'static str) -> Self {
+        Self {
+            error,
+            kind,
+            retry: false,
+        }
+    }
+}
+
+/// One upstream call's fixed inputs.
+struct Call<'a> {
+    endpoint: Endpoint,
+    stream: bool,
+    request_id: &'a HeaderValue,
+    started: Instant,
+}
+
+impl Call<'_> {
+    /// Sends to the attempt's backend. Nothing reaches the client here, so every failure may
+    /// still go to another backend. Returns the reply and, for streams, time to first byte.
+    async fn send(
+        &self,
+        mut attempt: Attempt,
+        body: Bytes,
+    ) -> Result<(Reply, Option<Duration>), Failure> {
+        let backend = Arc::clone(attempt.backend());
+        let sent_at = tokio::time::Instant::now();
+        let deadline = sent_at
+            + if self.stream {
+                backend.timeouts.first_token
+            } else {
+                backend.timeouts.request
+            };
+        let url = backend
+            .endpoint_url(self.endpoint.path())
+            .map_err(|_| Failure::last(ApiError::UpstreamInvalid, "bad_url"))?;
+        let response = {
+            let mut request = backend
+                .client
+                .post(url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(REQUEST_ID_HEADER, self.request_id.clone())
+                .body(body);
+            if self.stream {
+                request = request.header(header::ACCEPT, "text/event-stream");
+            }
+            if let Some(key) = backend.api_key() {
+                request = request.bearer_auth(key.expose());
+            }
+            match tokio::time::timeout_at(deadline, request.send()).await {
+                Ok(Ok(response)) => response,
+                Err(_) => {
+                    attempt.failure();
+                    return Err(Failure::retry(ApiError::UpstreamTimeout, "timeout"));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    attempt.failure();
+                    return Err(Failure::retry(ApiError::UpstreamUnreachable, "connect"));
+                }
+                // Also a pooled connection the backend closed after taking the request:
+                // not sent to it again (it may be working on it); another backend may be
+                // tried, as an attempt. A request never written on a reused connection is
+                // re-sent by the connection pool itself.
+                Ok(Err(_)) => {
+                    attempt.failure();
+                    return Err(Failure::retry(ApiError::UpstreamUnreachable, "request"));
+                }
+            }
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+            let body = read_capped(response, ERROR_BODY_LIMIT, deadline)
+                .await
+                .unwrap_or_default();
+            let secrets: Vec<&str> = backend.api_key().map(|k| k.expose()).into_iter().collect();
+            let error = ApiError::UpstreamStatus {
+                status,
+                body: sanitize_upstream_error(&body, &secrets).map(Box::new),
+                retry_after,
+            };
+            return Err(if status.is_server_error() {
+                attempt.failure();
+                Failure::retry(error, "status_5xx")
+            } else if status == StatusCode::TOO_MANY_REQUESTS {
+                // Busy, not broken: try elsewhere without counting towards ejection.
+                drop(attempt);
+                Failure::retry(error, "status_429")
+            } else if upstream_status_is_clients(status) {
+                // The request itself is wrong: every backend would say the same.
+                attempt.success();
+                Failure::last(error, "status_4xx")
+            } else {
+                // 401/403/404...: this route's key or model name is wrong. Another
+                // backend may be set up right, and this one should be ejected.
+                attempt.failure();
+                Failure::retry(error, "status_4xx_route")
+            });
+        }
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/json"));
+        let is_sse = content_type.as_bytes().starts_with(b"text/event-stream");
+        if self.stream && is_sse {
+            let mut upstream = response.bytes_stream().boxed();
+            return match tokio::time::timeout_at(deadline, upstream.next()).await {
+                Err(_) => {
+                    attempt.failure();
+                    Err(Failure::retry(
+                        ApiError::UpstreamTimeout,
+                        "first_token_timeout",
+                    ))
+                }
+                Ok(None) => {
+                    attempt.failure();
+                    Err(Failure::retry(ApiError::UpstreamInvalid, "empty_stream"))
+                }
+                Ok(Some(Err(_))) => {
+                    attempt.failure();
+                    Err(Failure::retry(
+                        ApiError::UpstreamUnreachable,
+                        "stream_broken",
+                    ))
+                }
+                Ok(Some(Ok(first))) => {
+                    let ttft = self.started.elapsed();
+                    let idle_timeout = backend.timeouts.stream_idle;
+                    Ok((
+                        Reply::Stream {
+                            first,
+                            upstream,
+                            attempt,
+                            idle_timeout,
+                        },
+                        Some(ttft),
+                    ))
+                }
+            };
+        }
+        let body_deadline = sent_at + backend.timeouts.request;
+        match read_capped(response, RESPONSE_LIMIT, body_deadline).await {
+            Ok(body) => {
+                attempt.success();
+                Ok((Reply::Full { content_type, body }, None))
+            }
+            Err(ReadError::Timeout) => {
+                attempt.failure();
+                Err(Failure::retry(ApiError::UpstreamTimeout, "timeout"))
+            }
+            Err(ReadError::TooLarge) => {
+                attempt.success();
+                Err(Failure::last(
+                    ApiError::UpstreamInvalid,
+                    "response_too_large",
+                ))
+            }
+            Err(ReadError::Broken) => {
+                attempt.failure();
+                Err(Failure::retry(ApiError::UpstreamUnreachable, "body_broken"))
+            }
+        }
+    }
+}
+
+enum ReadError {
+    Timeout,
+    TooLarge,
+    Broken,
+}
+
+/// Reads an upstream body up to `limit` bytes before `deadline`.
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, ReadError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Err(_) => return Err(ReadError::Timeout),
+            Ok(Err(_)) => return Err(ReadError::Broken),
+            Ok(Ok(None)) => return Ok(buf.freeze()),
+            Ok(Ok(Some(chunk))) => {
+                if buf.is_empty() && response.content_length() == Some(chunk.len() as u64) {
+                    return Ok(chunk);
+                }
+                if buf.len() + chunk.len() > limit {
+                    return Err(ReadError::TooLarge);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+}

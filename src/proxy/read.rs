@@ -1,0 +1,216 @@
+//! Phase 1, read: the body (content type, size and time limits) and the few fields the
+//! gateway acts on, checked the way OpenAI checks them. Nothing else of the body is parsed.
+//! A body over the limit is still read (and thrown away, up to a bound) before the 413, so a
+//! client that writes its whole body before it reads the answer (Node's `fetch`, the
+//! `openai` Node SDK) gets the 413 instead of a broken pipe.
+
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::header;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use serde_json::value::RawValue;
+
+use super::Endpoint;
+use super::rewrite::Rewriter;
+use crate::api::error::ApiError;
+use crate::config::Config;
+
+/// A request read and checked.
+pub(crate) struct Parsed {
+    /// The public model name the client asked for.
+    pub(crate) model: String,
+    pub(crate) stream: bool,
+    /// The gateway, not the client, asks the backend for the usage chunk: strip it.
+    pub(crate) strip_usage: bool,
+    /// The most completion tokens the request allows, when it sets a bound.
+    pub(crate) max_output_tokens: Option<u64>,
+    /// Body size, for estimating prompt tokens.
+    pub(crate) prompt_bytes: usize,
+    /// The bodies sent upstream, built from the client's bytes.
+    pub(crate) bodies: Rewriter,
+}
+
+/// Reads the body within the server's limits and checks it for `endpoint`.
+pub(crate) async fn read(
+    request: Request,
+    endpoint: Endpoint,
+    config: &Config,
+) -> Result<Parsed, ApiError> {
+    let server = &config.server;
+    let raw = read_body(request, server.max_body_bytes, server.body_read_timeout).await?;
+    let head = Head::parse(&raw)?;
+    let model = match head.model {
+        None => return Err(ApiError::missing("model")),
+        Some(v) => serde_json::from_str::<String>(v.get())
+            .map_err(|_| ApiError::invalid_type("model", "a string"))?,
+    };
+    let stream = match head.stream.map(RawValue::get) {
+        None => false,
+        Some("true") => true,
+        Some("false") => false,
+        Some(_) => return Err(ApiError::invalid_type("stream", "a boolean")),
+    };
+    if stream && !endpoint.can_stream() {
+        return Err(ApiError::InvalidParam {
+            param: "stream",
+            code: "unsupported_parameter",
+            message: "Streaming is not supported for embeddings.".to_owned(),
+        });
+    }
+    let client_usage = head.include_usage()?;
+    endpoint.required(match endpoint {
+        Endpoint::Chat => head.messages,
+        Endpoint::Completions => head.prompt,
+        Endpoint::Embeddings => head.input,
+    })?;
+    let strip_usage = stream && config.upstream.request_stream_usage && !client_usage;
+    Ok(Parsed {
+        model,
+        stream,
+        strip_usage,
+        max_output_tokens: head.max_output_tokens(),
+        prompt_bytes: raw.len(),
+        bodies: Rewriter::new(raw.clone(), head.model, head.stream_options, strip_usage),
+    })
+}
+
+/// The request fields the gateway looks at, borrowed from the body; the rest is skipped
+/// without being built, so a large body is not blown up into a tree of values.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "super::rewrite::present")]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+}
+
+impl<'a> Head<'a> {
+    fn parse(raw: &'a [u8]) -> Result<Self, ApiError> {
+        if raw.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::InvalidJson(
+                "the body must be a JSON object".to_owned(),
+            ));
+        }
+        serde_json::from_slice(raw).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    }
+
+    /// Whether the client asked for the usage chunk itself (`stream_options.include_usage`).
+    fn include_usage(&self) -> Result<bool, ApiError> {
+        Ok(match self.stream_options {
+            None => false,
+            Some(v) if v.get() == "null" => false,
+            // serde would also take an array for the struct below.
+            Some(v) if !v.get().starts_with('{') => {
+                return Err(ApiError::invalid_type(
+                    "stream_options",
+                    "an object with a boolean include_usage",
+                ));
+            }
+            Some(v) => {
+                #[derive(serde::Deserialize)]
+                struct StreamOptions {
+                    #[serde(default)]
+                    include_usage: Option<bool>,
+                }
+                serde_json::from_str::<StreamOptions>(v.get())
+                    .map_err(|_| {
+                        ApiError::invalid_type(
+                            "stream_options",
+                            "an object with a boolean include_usage",
+                        )
+                    })?
+                    .include_usage
+                    .unwrap_or(false)
+            }
+        })
+    }
+
+    /// The most completion tokens the request allows, when it sets a bound: reserved from
+    /// a token rate limit up front, as OpenAI does.
+    fn max_output_tokens(&self) -> Option<u64> {
+        self.max_completion_tokens
+            .or(self.max_tokens)
+            .and_then(|v| v.get().parse::<u64>().ok())
+    }
+}
+
+/// Bytes past the limit read and discarded before answering 413; a larger body is cut off
+/// (the connection closes, and such a client may see a broken pipe instead of the 413).
+const DISCARD_MAX: u64 = 16 << 20;
+
+/// Checks the content type, then reads the body: at most `limit` bytes, within `timeout`.
+async fn read_body(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    if let Some(ct) = request.headers().get(header::CONTENT_TYPE) {
+        let essence = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::UnsupportedMediaType(essence.to_owned()));
+        }
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = request.into_body();
+    let read = async {
+        if declared.is_some_and(|n| n > limit as u64) {
+            // Known to be too large: read nothing into memory (and only a bounded amount
+            // at all) before answering.
+            if declared.is_some_and(|n| n <= limit as u64 + DISCARD_MAX) {
+                discard(&mut body, DISCARD_MAX).await;
+            }
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+        let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(|_| ApiError::BodyBroken)?.into_data() else {
+                continue; // trailers
+            };
+            if buf.len() + data.len() > limit {
+                discard(&mut body, DISCARD_MAX).await;
+                return Err(ApiError::BodyTooLarge { limit });
+            }
+            if buf.is_empty() && declared == Some(data.len() as u64) {
+                return Ok(data); // the whole body in one frame: no copy
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(ApiError::BodyTimeout))
+}
+
+/// Reads and drops up to `max` more bytes of `body` (stops early at its end or an error).
+async fn discard(body: &mut axum::body::Body, max: u64) {
+    let mut seen = 0u64;
+    while seen <= max {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            _ => return,
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Phase 4, respond: the answer the client gets. A whole body is handed over in slices with
+//! the request's slot held until the connection has taken it (`held_body.rs`); a stream is
+//! relayed event by event (`relay.rs`, `sse.rs`) and settles its record when it ends. Rate
+//! limit headers go on every answer, also on errors.
+
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use super::Endpoint;
+use super::account::Record;
+use super::attempt::Reply;
+use super::held_body::{Guards, HeldBody};
+use super::relay::{Relay, StreamEnd, StreamSummary};
+use super::sse::SseScanner;
+use super::tokens::{self, Tokens};
+use crate::api::error::{ApiError, rate_limit_headers};
+use crate::storage::database::usage_rows::Outcome;
+
+/// The response for a backend's answer; `record` is settled now (whole) or when the
+/// stream ends.
+pub(crate) fn answer(
+    endpoint: Endpoint,
+    reply: Reply,
+    strip_usage: bool,
+    prompt_bytes: usize,
+    guards: Guards,
+    mut record: Record,
+) -> Response {
+    match reply {
+        Reply::Full { content_type, body } => {
+            let reported = tokens::from_response_body(&body);
+            let tokens = if endpoint == Endpoint::Embeddings {
+                // Embeddings produce no completion tokens; only the prompt counts.
+                let mut t = Tokens::from_usage(reported, prompt_bytes, 0);
+                t.completion = 0;
+                t.estimated = reported.and_then(|u| u.prompt_tokens).is_none();
+                t
+            } else {
+                Tokens::from_usage(
+                    reported,
+                    prompt_bytes,
+                    Tokens::estimate_from_bytes(body.len()),
+                )
+            };
+            record.finish(200, Some(tokens), None, Outcome::Complete);
+            // The permit is released once the connection has taken the body.
+            let mut response = Response::new(Body::new(HeldBody::new(body, guards)));
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, content_type);
+            if let Some(limits) = &record.limits {
+                rate_limit_headers(headers, limits);
+            }
+            response
+        }
+        Reply::Stream {
+            first,
+            upstream,
+            mut attempt,
+            idle_timeout,
+        } => {
+            record.begin_stream(prompt_bytes);
+            let limits = record.limits;
+            let on_end = Box::new(move |summary: StreamSummary| {
+                let _guards = guards;
+                let tokens =
+                    Tokens::from_usage(summary.usage, prompt_bytes, summary.content_events);
+                match summary.end {
+                    StreamEnd::Complete => attempt.success(),
+                    StreamEnd::ClientGone => {}
+                    StreamEnd::Incomplete => record
+                        .state
+                        .metrics
+                        .upstream_error(&attempt.backend().name, "stream_incomplete"),
+                    StreamEnd::UpstreamBroken | StreamEnd::IdleTimeout => {
+                        attempt.failure();
+                        if let Some(kind) = summary.end.error_kind() {
+                            record
+                                .state
+                                .metrics
+                                .upstream_error(&attempt.backend().name, kind);
+                        }
+                    }
+                }
+                drop(attempt);
+                record.finish(
+                    200,
+                    Some(tokens),
+                    summary.end.error_kind(),
+                    summary.end.outcome(),
+                );
+            });
+            let relay = Relay::new(
+                first,
+                upstream,
+                SseScanner::new(strip_usage),
+                idle_timeout,
+                on_end,
+            );
+            let mut response = Response::new(Body::from_stream(relay));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            if let Some(limits) = &limits {
+                rate_limit_headers(headers, limits);
+            }
+            response
+        }
+    }
+}
+
+/// The response for a request that ends in an error; sheds are not written to the ledger.
+pub(crate) fn fail(record: &mut Record, error: ApiError) -> Response {
+    if error.is_shed() {
+        record.ledgered = false;
+    }
+    record.finish(
+        error.status().as_u16(),
+        None,
+        Some(error.kind()),
+        Outcome::Complete,
+    );
+    let mut response = error.into_response();
+    if let Some(limits) = &record.limits {
+        rate_limit_headers(response.headers_mut(), limits);
+    }
+    response
+}
