@@ -1,17 +1,20 @@
 //! `llm-gateway demo` and `llm-gateway mock-upstream`: the gateway on the bundled mock
 //! upstream, with a throwaway state directory and a demo key; and the mock on its own.
 
+use std::net::SocketAddr;
+use std::path::Path;
+
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::admin;
 use super::run::{next_signal, runtime, serve_until_signalled};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::mock::{MockBehavior, MockState};
 use crate::runtime::server::Listeners;
 use crate::runtime::telemetry;
 
-pub(super) fn run(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
     runtime(0)?.block_on(async {
         let mock_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
@@ -25,7 +28,7 @@ pub(super) fn run(listen: std::net::SocketAddr) -> anyhow::Result<()> {
             .tempdir()
             .context("cannot create the demo's state directory")?;
         let state_dir = state.path().to_owned();
-        let config = Config::demo(listen, mock_addr, &state_dir)?;
+        let config = demo_config(listen, mock_addr, &state_dir)?;
         let _log = telemetry::init(&config.logging);
         let listeners = Listeners::bind(&config).await.with_context(|| {
             format!("cannot bind {listen}; pick another address with --listen (e.g. --listen 127.0.0.1:0 for any free port)")
@@ -64,7 +67,7 @@ pub(super) fn run(listen: std::net::SocketAddr) -> anyhow::Result<()> {
 }
 
 pub(super) fn run_mock(
-    listen: std::net::SocketAddr,
+    listen: SocketAddr,
     chunks: usize,
     chunk_interval: std::time::Duration,
 ) -> anyhow::Result<()> {
@@ -86,4 +89,32 @@ pub(super) fn run_mock(
         .await?;
         Ok(())
     })
+}
+
+/// The configuration `llm-gateway demo` runs: one model on the bundled mock upstream.
+/// Keys are required, as in production; the usage ledger is SQLite in `state_dir`.
+fn demo_config(
+    listen: SocketAddr,
+    mock: SocketAddr,
+    state_dir: &Path,
+) -> Result<Config, ConfigError> {
+    let state_dir = toml::Value::String(state_dir.display().to_string());
+    let text = format!(
+        r#"
+[server]
+listen = "{listen}"
+
+[storage]
+state_dir = {state_dir}
+
+[[backends]]
+name = "mock"
+base_url = "http://{mock}/v1"
+
+[[models]]
+name = "demo"
+routes = [{{ backend = "mock" }}]
+"#
+    );
+    Config::from_toml(&text)
 }
