@@ -28,7 +28,8 @@ mod storage;
 mod upstream;
 
 pub use config::Config;
-pub use runtime::server::{Listeners, ServeError, serve, serve_with_reload};
+pub use runtime::listeners::Listeners;
+pub use runtime::server::{ServeError, serve, serve_with_reload};
 
 /// What the integration tests reach beyond `serve`: the pieces whose behaviour they check
 /// from outside (records in the database, the spool on disk, the route table).

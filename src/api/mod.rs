@@ -8,5 +8,6 @@
 pub(crate) mod authn;
 pub(crate) mod error;
 pub(crate) mod http_rules;
+pub(crate) mod request_context;
 pub(crate) mod routes;
 pub(crate) mod status;

@@ -6,10 +6,9 @@ use axum::Router;
 use axum::http::Method;
 use axum::routing::{MethodRouter, get, post};
 
-use crate::api::{authn, status};
+use crate::api::{authn, request_context, status};
 use crate::proxy;
 use crate::runtime::state::AppState;
-use crate::runtime::telemetry;
 
 /// One route: method, path, handler.
 pub type RouteEntry = (Method, &'static str, MethodRouter<Arc<AppState>>);
@@ -63,6 +62,6 @@ pub fn metrics(state: Arc<AppState>) -> Router {
 
 fn finish(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     router
-        .layer(axum::middleware::from_fn(telemetry::request_context))
+        .layer(axum::middleware::from_fn(request_context::request_context))
         .with_state(state)
 }

@@ -11,8 +11,8 @@ use super::admin;
 use super::run::{next_signal, runtime, serve_until_signalled};
 use crate::config::{Config, ConfigError};
 use crate::mock::{MockBehavior, MockState};
-use crate::runtime::server::Listeners;
-use crate::runtime::telemetry;
+use crate::runtime::listeners::Listeners;
+use crate::runtime::logging;
 
 pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
     runtime(0)?.block_on(async {
@@ -29,7 +29,7 @@ pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
             .context("cannot create the demo's state directory")?;
         let state_dir = state.path().to_owned();
         let config = demo_config(listen, mock_addr, &state_dir)?;
-        let _log = telemetry::init(&config.logging);
+        let _log = logging::init(&config.logging);
         let listeners = Listeners::bind(&config).await.with_context(|| {
             format!("cannot bind {listen}; pick another address with --listen (e.g. --listen 127.0.0.1:0 for any free port)")
         })?;

@@ -13,9 +13,10 @@ use tokio::sync::mpsc::error::TrySendError;
 use super::args::{Cli, Command};
 use super::{admin, demo};
 use crate::config::Config;
+use crate::runtime::listeners::Listeners;
 use crate::runtime::reload::{LoadConfig, Reload, SetLogLevel};
-use crate::runtime::server::{Listeners, serve_with_reload};
-use crate::runtime::{activation, telemetry};
+use crate::runtime::server::serve_with_reload;
+use crate::runtime::{activation, logging};
 
 /// Runs the command line `std::env::args` gives; the binary's `main` is only this.
 pub fn main() -> ExitCode {
@@ -23,7 +24,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Serve { config } => load(&config).and_then(|c| {
-            let log = telemetry::init(&c.logging);
+            let log = logging::init(&c.logging);
             run_serve(c, config, log)
         }),
         Command::Demo { listen } => demo::run(listen),
@@ -99,7 +100,7 @@ pub(super) fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime>
 fn run_serve(
     config: Config,
     path: std::path::PathBuf,
-    log: telemetry::LogControl,
+    log: logging::LogControl,
 ) -> anyhow::Result<()> {
     // Before the runtime starts any thread: this edits the environment.
     let passed = activation::take()?;

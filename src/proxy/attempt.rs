@@ -16,8 +16,8 @@ use super::Endpoint;
 use super::account::Record;
 use super::read::Parsed;
 use crate::api::error::{ApiError, sanitize_upstream_error, upstream_status_is_clients};
+use crate::api::request_context::REQUEST_ID_HEADER;
 use crate::runtime::state::{AppState, Configured, Model};
-use crate::runtime::telemetry::REQUEST_ID_HEADER;
 use crate::upstream::Attempt;
 use crate::upstream::balancer::{self, PickError};
 

@@ -35,8 +35,8 @@ use axum::http::HeaderValue;
 use axum::response::Response;
 
 use crate::api::authn::Caller;
+use crate::api::request_context::RequestId;
 use crate::runtime::state::{AppState, Configured};
-use crate::runtime::telemetry::RequestId;
 use account::Record;
 use attempt::Reply;
 pub(crate) use endpoint::Endpoint;

@@ -1,12 +1,15 @@
-//! The running process: the server that accepts and drains connections (`server.rs`,
-//! `stall.rs`), the shared state rebuilt on reload (`state.rs`, `reload.rs`), socket
-//! activation and the systemd notify protocol (`activation.rs`, `systemd.rs`), logging and
-//! request spans (`telemetry.rs`), metrics (`metrics.rs`), and the one primitive every
-//! background task repeats with (`periodic.rs`).
+//! The running process: the server's life from start to drain (`server.rs`), its sockets
+//! (`listeners.rs`) and connections (`connections.rs`, `stall.rs`), the shared state rebuilt on reload (`state.rs`, `reload.rs`), socket
+//! activation and the systemd notify protocol (`activation.rs`, `systemd.rs`), log output
+//! (`logging.rs`), metrics (`metrics.rs`), and the one primitive every background task
+//! repeats with (`periodic.rs`).
 //!
 //! This is where the parts are wired together; it may depend on every other folder.
 
 pub(crate) mod activation;
+mod connections;
+pub(crate) mod listeners;
+pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod periodic;
 pub(crate) mod reload;
@@ -14,4 +17,3 @@ pub(crate) mod server;
 pub(crate) mod stall;
 pub(crate) mod state;
 pub(crate) mod systemd;
-pub(crate) mod telemetry;

@@ -1,16 +1,14 @@
-//! The server: accepts connections on already-bound listeners, serves them, and drains
-//! in-flight requests and streams on shutdown.
+//! The server's life: opens storage, builds the shared state, starts the background tasks
+//! and the accept loops (`connections.rs`) on already-bound listeners (`listeners.rs`),
+//! applies reloads, and on shutdown drains in-flight requests and streams within one
+//! deadline before the ledger's last flush.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use hyper::server::conn::http1;
-use hyper::service::Service as _;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioTimer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,10 +16,10 @@ use crate::access::keys;
 use crate::access::keys::KeyTable;
 use crate::api::routes;
 use crate::config::{Config, ConfigError};
-use crate::runtime::activation::Passed;
+use crate::runtime::connections::ConnCtx;
+use crate::runtime::listeners::Listeners;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::reload::{self, Reload};
-use crate::runtime::stall::WriteStallGuard;
 use crate::runtime::state::{AppState, Storage};
 use crate::runtime::systemd;
 use crate::storage::database::{Store, StoreError};
@@ -29,62 +27,6 @@ use crate::storage::ledger::Ledger;
 use crate::storage::ledger::spool::SpoolError;
 use crate::storage::registry;
 use crate::upstream;
-
-/// Sockets the gateway serves on, bound by the caller (CLI, tests, or a service manager).
-#[derive(Debug)]
-pub struct Listeners {
-    /// The API (and `/metrics` unless `metrics` is set).
-    pub api: TcpListener,
-    /// Optional separate listener for `/metrics`.
-    pub metrics: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Binds the addresses from `config.server`.
-    pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        let backlog = config.server.listen_backlog;
-        let api = bind(config.server.listen, backlog)?;
-        let metrics = match config.server.metrics_listen {
-            Some(addr) => Some(bind(addr, backlog)?),
-            None => None,
-        };
-        Ok(Self { api, metrics })
-    }
-
-    /// Uses the sockets the service manager passed; `/metrics` without a passed socket of
-    /// its own is bound from `server.metrics_listen` when set. Needs the async runtime.
-    pub async fn from_passed(passed: Passed, config: &Config) -> std::io::Result<Self> {
-        let adopt = |l: std::net::TcpListener| {
-            l.set_nonblocking(true)?;
-            TcpListener::from_std(l)
-        };
-        let api = adopt(passed.api)?;
-        let metrics = match (passed.metrics, config.server.metrics_listen) {
-            (Some(l), _) => Some(adopt(l)?),
-            (None, Some(addr)) => Some(bind(addr, config.server.listen_backlog)?),
-            (None, None) => None,
-        };
-        tracing::info!(
-            api = %api.local_addr()?,
-            metrics = ?metrics.as_ref().and_then(|m| m.local_addr().ok()),
-            "using the sockets passed by the service manager (server.listen is not bound)"
-        );
-        Ok(Self { api, metrics })
-    }
-}
-
-/// Binds `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` does) and listens with
-/// `backlog` (the kernel caps it at `net.core.somaxconn`).
-fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
-}
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -309,149 +251,3 @@ const SHUTDOWN_RESERVE: Duration = Duration::from_secs(5);
 /// Least time given to marking the instance stopped and closing the database pool, even
 /// when the deadline has passed.
 const LAST_WORDS: Duration = Duration::from_millis(500);
-
-/// At most one "connection limit reached" warning per this interval (each time counts in
-/// `connection_limit_reached_total`).
-const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
-
-struct ConnCtx<'a> {
-    builder: &'a http1::Builder,
-    /// Cancelled when shutdown begins: connections finish their request and close.
-    drain: &'a CancellationToken,
-    tracker: &'a TaskTracker,
-    hard_stop: &'a CancellationToken,
-    /// How long a connection accepted just before shutdown may take to send its first
-    /// request.
-    first_request_grace: Duration,
-    nodelay: bool,
-    write_stall_timeout: Duration,
-    /// Open connections per listener at most.
-    max_connections: usize,
-    metrics: &'a crate::runtime::metrics::Metrics,
-}
-
-impl ConnCtx<'_> {
-    /// Accepts until dropped; each connection runs as a tracked task. At
-    /// `max_connections` open connections it stops accepting (new ones wait in the
-    /// backlog) until one closes.
-    async fn accept_loop(&self, listener: TcpListener, app: Router) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
-        let mut warned: Option<tokio::time::Instant> = None;
-        loop {
-            let slot = match Arc::clone(&slots).try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    self.metrics.connection_limit_reached.inc();
-                    if warned.is_none_or(|t| t.elapsed() >= LIMIT_WARNING_EVERY) {
-                        warned = Some(tokio::time::Instant::now());
-                        tracing::warn!(
-                            max_connections = self.max_connections,
-                            "connection limit reached (server.max_connections): not accepting until a connection closes"
-                        );
-                    }
-                    match Arc::clone(&slots).acquire_owned().await {
-                        Ok(slot) => slot,
-                        Err(_) => return,
-                    }
-                }
-            };
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if self.nodelay
-                && let Err(e) = stream.set_nodelay(true)
-            {
-                tracing::debug!(error = %e, %peer, "TCP_NODELAY failed");
-            }
-            // Marks the connection's first request, so that a drain does not close a
-            // connection whose request is still on its way.
-            let first = CancellationToken::new();
-            let service = {
-                let (inner, first) = (TowerToHyperService::new(app.clone()), first.clone());
-                hyper::service::service_fn(move |request| {
-                    first.cancel();
-                    inner.call(request)
-                })
-            };
-            let io = TokioIo::new(WriteStallGuard::new(stream, self.write_stall_timeout));
-            let connection = self.builder.serve_connection(io, service);
-            let open = self.metrics.connection_opened();
-            let served = serve_connection(
-                connection,
-                first,
-                self.drain.clone(),
-                self.hard_stop.clone(),
-                self.first_request_grace,
-                peer,
-            );
-            self.tracker.spawn(async move {
-                served.await;
-                drop((slot, open));
-            });
-        }
-    }
-}
-
-/// Serves one connection until it ends, the drain closes it after its current request,
-/// or the hard stop cuts it off.
-///
-/// hyper's graceful shutdown closes a connection on which it has read nothing yet, which
-/// includes one accepted just before the drain whose request is still in the socket
-/// buffer: that client would see its connection closed for a request it already sent
-/// (tests/systemd.rs, restart with passed sockets). So, as Go's `net/http` does, such a
-/// connection gets up to `grace` (the header read timeout) to start its first request
-/// before the graceful close.
-async fn serve_connection<C>(
-    connection: C,
-    first: CancellationToken,
-    drain: CancellationToken,
-    hard_stop: CancellationToken,
-    grace: Duration,
-    peer: std::net::SocketAddr,
-) where
-    C: GracefulConnection,
-{
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => Some(result),
-        () = hard_stop.cancelled() => None,
-        () = async {
-            drain.cancelled().await;
-            let _ = tokio::time::timeout(grace, first.cancelled()).await;
-        } => {
-            connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = connection.as_mut() => Some(result),
-                () = hard_stop.cancelled() => None,
-            }
-        }
-    };
-    if let Some(Err(e)) = result {
-        tracing::debug!(error = %e, %peer, "connection ended with an error");
-    }
-}
-
-/// A served connection that can be told to finish its current request and close (hyper's
-/// `http1::Connection`, whose service type cannot be named here).
-trait GracefulConnection: Future<Output = Result<(), hyper::Error>> {
-    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
-}
-
-impl<I, S, B> GracefulConnection for http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
-        http1::Connection::graceful_shutdown(self);
-    }
-}

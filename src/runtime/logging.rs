@@ -1,63 +1,11 @@
-//! Request ids, the per-request span, and log output set-up (journald or stderr), with a
-//! log level a reload can change.
-
-use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderValue;
-use axum::middleware::Next;
-use axum::response::Response;
-use tracing::Instrument;
+//! Log output set-up: journald (native protocol) or stderr (text or JSON lines), with a log
+//! level a reload can change.
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::{LogFormat, LogOutput, LoggingConfig};
-
-/// Header carrying the request id in both directions.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// The id of the current request (client's `x-request-id` if sane, else a fresh UUID).
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
-
-fn acceptable(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
-    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
-}
-
-/// Middleware: assigns the request id, opens the request span, refuses a request HTTP
-/// itself forbids (`http_rules`), echoes the id back.
-pub async fn request_context(mut request: Request, next: Next) -> Response {
-    let id = request
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .filter(|v| acceptable(v))
-        .cloned()
-        .unwrap_or_else(|| {
-            let mut buf = uuid::Uuid::encode_buffer();
-            let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-            HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("invalid"))
-        });
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let span = tracing::info_span!(
-        "request",
-        request_id = %id.to_str().unwrap_or(""),
-        method = %request.method(),
-        route = %route,
-    );
-    request.extensions_mut().insert(RequestId(id.clone()));
-    // HTTP's own rules first (here, to keep one layer fewer on every request).
-    let mut response = match crate::api::http_rules::check(&request) {
-        Ok(()) => next.run(request).instrument(span).await,
-        Err(e) => axum::response::IntoResponse::into_response(e),
-    };
-    response.headers_mut().insert(REQUEST_ID_HEADER, id);
-    response
-}
 
 /// Changes the log filter of the running process (a configuration reload).
 #[derive(Debug, Clone)]
