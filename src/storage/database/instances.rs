@@ -4,8 +4,8 @@ use sqlx::Row;
 
 use super::{Store, StoreError, now_ms, with_pool};
 
-/// One gateway instance as registered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One gateway instance as registered (a row of `instances`, columns named as the fields).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct InstanceRow {
     /// Random id chosen at start.
     pub id: String,
@@ -89,24 +89,7 @@ impl Store {
     pub async fn list_instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
         let sql = "SELECT id, host, pid, version, config_hash, started_at_ms, heartbeat_at_ms, \
                    stopped_at_ms, state_dir FROM instances ORDER BY started_at_ms DESC, id";
-        with_pool!(self, pool => {
-            let rows = sqlx::query(sql).fetch_all(pool).await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(InstanceRow {
-                        id: r.try_get("id")?,
-                        host: r.try_get("host")?,
-                        pid: r.try_get("pid")?,
-                        version: r.try_get("version")?,
-                        config_hash: r.try_get("config_hash")?,
-                        started_at_ms: r.try_get("started_at_ms")?,
-                        heartbeat_at_ms: r.try_get("heartbeat_at_ms")?,
-                        stopped_at_ms: r.try_get("stopped_at_ms")?,
-                        state_dir: r.try_get("state_dir")?,
-                    })
-                })
-                .collect()
-        })
+        with_pool!(self, pool => Ok(sqlx::query_as(sql).fetch_all(pool).await?))
     }
 
     /// Instances running now: not stopped, with a heartbeat newer than `fresh_after_ms`.

@@ -12,11 +12,12 @@ use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
-use crate::config::Config;
+use crate::config::{Config, StorageConfig};
 
 /// The database, whichever engine it is.
 #[derive(Debug, Clone)]
@@ -62,16 +63,7 @@ impl Store {
                     source,
                 })?;
             }
-            let pool = SqlitePoolOptions::new()
-                .max_connections(st.max_connections)
-                .acquire_timeout(st.connect_timeout)
-                .connect_with(options)
-                .await
-                .map_err(|source| StoreError::Open {
-                    url: url.clone(),
-                    source,
-                })?;
-            Ok(Self::Sqlite(pool))
+            Ok(Self::Sqlite(pool(st, options, &url).await?))
         } else {
             let mut options =
                 PgConnectOptions::from_str(&url).map_err(|e| StoreError::Url(e.to_string()))?;
@@ -87,16 +79,7 @@ impl Store {
             options = options
                 .application_name("llm-gateway")
                 .options([("statement_timeout", statement_timeout.as_str())]);
-            let pool = PgPoolOptions::new()
-                .max_connections(st.max_connections)
-                .acquire_timeout(st.connect_timeout)
-                .connect_with(options)
-                .await
-                .map_err(|source| StoreError::Open {
-                    url: url.clone(),
-                    source,
-                })?;
-            Ok(Self::Postgres(pool))
+            Ok(Self::Postgres(pool(st, options, &url).await?))
         }
     }
 
@@ -160,6 +143,23 @@ impl Store {
     pub async fn close(&self) {
         with_pool!(self, pool => pool.close().await);
     }
+}
+
+/// A pool of either engine, sized and timed by `[storage]`.
+async fn pool<DB: sqlx::Database>(
+    st: &StorageConfig,
+    options: <DB::Connection as sqlx::Connection>::Options,
+    url: &str,
+) -> Result<sqlx::Pool<DB>, StoreError> {
+    PoolOptions::<DB>::new()
+        .max_connections(st.max_connections)
+        .acquire_timeout(st.connect_timeout)
+        .connect_with(options)
+        .await
+        .map_err(|source| StoreError::Open {
+            url: url.to_owned(),
+            source,
+        })
 }
 
 /// Opens `path` and waits for an exclusive lock on it; released when the file is dropped.

@@ -91,10 +91,11 @@ pub enum GroupBy {
     Model,
 }
 
-/// One line of a usage summary.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One line of a usage summary (a row of the summary query, columns named as the fields).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct UsageLine {
     /// Key id or model name (`-` when absent).
+    #[sqlx(rename = "grp")]
     pub group: String,
     /// Requests.
     pub requests: i64,
@@ -202,7 +203,7 @@ impl Store {
         };
         let sql = self
             .sql(&format!(
-                "SELECT {column} AS grp, COUNT(*) AS requests, \
+                "SELECT COALESCE({column}, '-') AS grp, COUNT(*) AS requests, \
              CAST(SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS BIGINT) AS errors, \
              CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens, \
              CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens, \
@@ -211,22 +212,7 @@ impl Store {
              ORDER BY CAST(SUM(prompt_tokens + completion_tokens) AS BIGINT) DESC, {column}"
             ))
             .into_owned();
-        with_pool!(self, pool => {
-            let rows = sqlx::query(&sql).bind(since_ms).fetch_all(pool).await?;
-            rows.iter()
-                .map(|r| {
-                    let group: Option<String> = r.try_get("grp")?;
-                    Ok(UsageLine {
-                        group: group.unwrap_or_else(|| "-".to_owned()),
-                        requests: r.try_get("requests")?,
-                        errors: r.try_get("errors")?,
-                        prompt_tokens: r.try_get("prompt_tokens")?,
-                        completion_tokens: r.try_get("completion_tokens")?,
-                        estimated: r.try_get("estimated")?,
-                    })
-                })
-                .collect()
-        })
+        with_pool!(self, pool => Ok(sqlx::query_as(&sql).bind(since_ms).fetch_all(pool).await?))
     }
 
     /// Every record since `since_ms`, oldest first (for audits and tests; unbounded).
