@@ -1,17 +1,17 @@
 //! The real `llm-gateway` binary: commands, config errors, env overrides, credentials and
+//! signals.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::disallowed_methods,
     reason = "tests: panics are failures, and helpers spawn test servers"
 )]
-//! signals.
 
 mod common;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use llm_gateway::mock::MockBehavior;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
+use common::process::{BIN, GatewayProcess, Launch};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
@@ -214,67 +214,40 @@ fn environment_overrides_are_applied_and_checked() {
     );
 }
 
-/// A free port (bound then released; the gateway binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The gateway process (killed when dropped), its config file and its base URL.
+/// The gateway process with its config file and state directory (removed when dropped).
 struct Proc {
-    child: Child,
-    url: String,
+    process: GatewayProcess,
     _config: TempFile,
     _state: tempfile::TempDir,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Proc {
+    type Target = GatewayProcess;
+    fn deref(&self) -> &GatewayProcess {
+        &self.process
     }
 }
 
-/// Runs `llm-gateway serve` on a free port (set through the environment override) and
-/// returns once `/health` answers.
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut GatewayProcess {
+        &mut self.process
+    }
+}
+
+/// Runs `llm-gateway serve` on a socket passed to it, with stderr piped, and returns once
+/// `/health` answers.
 async fn spawn_gateway(config: &str, env: &[(&str, &str)]) -> Proc {
     let state = tempfile::tempdir().unwrap();
     let path = temp_file("gw.toml", &common::with_test_storage(config, state.path()));
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .env("LLM_GATEWAY__SERVER__LISTEN", &listen)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut p = Proc {
-        child: cmd.spawn().unwrap(),
-        url: format!("http://{listen}"),
+    let process = Launch::serve(&path)
+        .envs(env)
+        .stderr(Stdio::piped())
+        .start()
+        .await;
+    Proc {
+        process,
         _config: path,
         _state: state,
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = client().get(format!("{}/health", p.url)).send().await {
-            assert_eq!(r.status(), 200);
-            return p;
-        }
-        if let Some(status) = p.child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(p.child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!("gateway exited with {status}: {err}");
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gateway never became healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

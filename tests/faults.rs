@@ -12,11 +12,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::{GatewayProcess, Launch};
 use common::{chat_body, client, metric, mock, pg::PgCluster};
 use llm_gateway::Config;
 use llm_gateway::mock::MockBehavior;
@@ -24,37 +24,6 @@ use llm_gateway::testing::Outcome;
 use llm_gateway::testing::Store;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-const BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
-
-/// The gateway binary on a free port, with its config and state in `dir`.
-struct Proc {
-    child: Child,
-    url: String,
-}
-
-impl Proc {
-    /// `kill -9`, and waits until the process is gone.
-    fn sigkill(&mut self) {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL).unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Config: open mode, PostgreSQL at `url`, ledger settings from `ledger`.
 fn write_config(dir: &Path, upstream: &str, url: &str, ledger: &str) -> PathBuf {
@@ -76,37 +45,13 @@ fn config_for_url(base_url: &str) -> String {
     )
 }
 
-async fn spawn(config: &Path, env: &[(&str, &str)]) -> Proc {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--config", config.to_str().unwrap()])
+/// The gateway binary on a socket passed to it, serving `config`; once `/health` answers.
+async fn spawn(config: &Path, env: &[(&str, &str)]) -> GatewayProcess {
+    Launch::serve(config)
         .env("RUST_LOG", "error")
-        .env("LLM_GATEWAY__SERVER__LISTEN", &listen)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut p = Proc {
-        child: cmd.spawn().unwrap(),
-        url: format!("http://{listen}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if client()
-            .get(format!("{}/health", p.url))
-            .send()
-            .await
-            .is_ok()
-        {
-            return p;
-        }
-        if let Some(status) = p.child.try_wait().unwrap() {
-            panic!("gateway exited with {status}");
-        }
-        assert!(Instant::now() < deadline, "gateway never became healthy");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .envs(env)
+        .start()
+        .await
 }
 
 /// Request ids of answers received in full (status 200, whole body read).

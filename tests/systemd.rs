@@ -12,17 +12,15 @@ mod common;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use command_fds::{CommandFdExt, FdMapping};
 use common::{chat_body, client, config_for, get_json, get_text, mock_with, with_test_storage};
 use llm_gateway::mock::MockBehavior;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::net::UnixDatagram;
 
-const BIN: &str = env!("CARGO_BIN_EXE_llm-gateway");
+use common::process::{BIN, GatewayProcess, Launch};
 
 /// What systemd provides a service: a `NOTIFY_SOCKET` (a datagram socket read by the
 /// test), a state directory, a config file, and a mock upstream behind it.
@@ -60,113 +58,32 @@ impl Manager {
         }
     }
 
-    /// Starts the gateway on a free port it binds itself.
-    fn start(&self, env: &[(&str, &str)]) -> Service {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--config", self.config.to_str().unwrap()])
-            .env("LLM_GATEWAY__SERVER__LISTEN", &listen);
-        self.spawn(cmd, env, port)
+    /// `serve` with this manager's `NOTIFY_SOCKET`.
+    fn launch(&self) -> Launch {
+        Launch::serve(&self.config).env("NOTIFY_SOCKET", self.sock_path.to_str().unwrap())
     }
 
-    /// Starts the gateway the way systemd socket activation does: the sockets at
-    /// descriptors 3, 4, ..., `LISTEN_FDS`, `LISTEN_FDNAMES`, and `LISTEN_PID` set to the
-    /// gateway's own pid (`sh` sets it to its `$$`, then `exec`s the gateway, which keeps
-    /// the pid). `server.listen` is a port the test holds: binding it would fail.
+    /// Starts the gateway on a socket passed to it; `env` entries with an empty value are
+    /// removed from the environment.
+    fn start(&self, env: &[(&str, &str)]) -> GatewayProcess {
+        self.launch().envs(env).spawn()
+    }
+
+    /// Starts the gateway the way systemd socket activation does, with these sockets (by
+    /// name); `server.listen` is a port the test holds: binding it would fail.
     fn start_activated(
         &self,
         sockets: &[(&std::net::TcpListener, &str)],
         blocked: &std::net::TcpListener,
-    ) -> Service {
-        let mut cmd = Command::new("sh");
-        cmd.args([
-            "-c",
-            "export LISTEN_PID=$$; exec \"$0\" \"$@\"",
-            BIN,
-            "serve",
-            "--config",
-            self.config.to_str().unwrap(),
-        ])
-        .env(
+    ) -> GatewayProcess {
+        let launch = self.launch().env(
             "LLM_GATEWAY__SERVER__LISTEN",
-            blocked.local_addr().unwrap().to_string(),
-        )
-        .env("LISTEN_FDS", sockets.len().to_string())
-        .env(
-            "LISTEN_FDNAMES",
-            sockets
-                .iter()
-                .map(|(_, n)| *n)
-                .collect::<Vec<_>>()
-                .join(":"),
+            &blocked.local_addr().unwrap().to_string(),
         );
-        let mappings = sockets
+        sockets
             .iter()
-            .enumerate()
-            .map(|(i, (l, _))| FdMapping {
-                parent_fd: OwnedFd::from(l.try_clone().unwrap()),
-                child_fd: 3 + i as i32,
-            })
-            .collect();
-        cmd.fd_mappings(mappings).unwrap();
-        let port = sockets[0].0.local_addr().unwrap().port();
-        self.spawn(cmd, &[], port)
-    }
-
-    /// `env` entries with an empty value are removed from the environment.
-    fn spawn(&self, mut cmd: Command, env: &[(&str, &str)], port: u16) -> Service {
-        cmd.env("NOTIFY_SOCKET", &self.sock_path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null());
-        for (k, v) in env {
-            if v.is_empty() {
-                cmd.env_remove(k);
-            } else {
-                cmd.env(k, v);
-            }
-        }
-        let child = cmd.spawn().unwrap();
-        Service { child, port }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One gateway process.
-struct Service {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Service {
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-/// Kills the gateway if a test fails before it stopped it (an orphan would hold the test
-/// harness's output pipe open).
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            .fold(launch, |l, (socket, name)| l.socket(socket, name))
+            .spawn()
     }
 }
 
@@ -195,13 +112,20 @@ async fn until(sock: &UnixDatagram, what: &str) -> (String, Vec<String>) {
 #[tokio::test]
 async fn ready_after_bind_watchdog_at_half_the_interval_and_stopping_at_sigterm() {
     let m = Manager::new().await;
-    let mut g = m.start(&[("WATCHDOG_USEC", "200000")]);
+    // The gateway binds its own socket here (port 0), as without socket activation.
+    let mut g = m
+        .launch()
+        .binding_itself()
+        .env("WATCHDOG_USEC", "200000")
+        .spawn();
 
     let (ready, before) = until(&m.sock, "READY=1").await;
     assert!(before.is_empty(), "nothing before READY: {before:?}");
     assert!(ready.contains("STATUS=serving 1 models"), "{ready}");
-    // READY means the listener is bound: the first request after it is answered.
-    let r = client().get(g.url("/health")).send().await.unwrap();
+    // READY means the listener is bound: it listens now, and the first request after
+    // READY is answered.
+    g.learn_port();
+    let r = client().get(g.at("/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 
     // WATCHDOG_USEC = 200 ms: a ping every 100 ms. The median gap between pings is
@@ -345,9 +269,9 @@ async fn a_restart_with_passed_sockets_refuses_no_connection() {
 }
 
 /// A streamed chat completion that has sent its first chunk.
-async fn open_stream(g: &Service) -> reqwest::Response {
+async fn open_stream(g: &GatewayProcess) -> reqwest::Response {
     let mut r = client()
-        .post(g.url("/v1/chat/completions"))
+        .post(g.at("/v1/chat/completions"))
         .json(&chat_body(true))
         .send()
         .await
@@ -371,7 +295,7 @@ async fn finish_stream(mut r: reqwest::Response) {
 struct KeepAlive(tokio::net::TcpStream);
 
 impl KeepAlive {
-    async fn open(g: &Service) -> Self {
+    async fn open(g: &GatewayProcess) -> Self {
         Self(
             tokio::net::TcpStream::connect(("127.0.0.1", g.port))
                 .await
@@ -411,8 +335,8 @@ impl KeepAlive {
     }
 }
 
-async fn model_ids(g: &Service) -> Vec<String> {
-    let v = get_json(g.url("/v1/models")).await;
+async fn model_ids(g: &GatewayProcess) -> Vec<String> {
+    let v = get_json(g.at("/v1/models")).await;
     v["data"]
         .as_array()
         .unwrap()
@@ -454,7 +378,7 @@ async fn sighup_swaps_the_configuration_without_dropping_a_stream_or_a_connectio
     // The new configuration is in effect for new requests...
     assert_eq!(model_ids(&g).await, ["m2"]);
     let old = client()
-        .post(g.url("/v1/chat/completions"))
+        .post(g.at("/v1/chat/completions"))
         .json(&chat_body(false))
         .send()
         .await
@@ -464,7 +388,7 @@ async fn sighup_swaps_the_configuration_without_dropping_a_stream_or_a_connectio
     assert!(conn.get("/v1/models").await.contains("\"id\":\"m2\""));
     // ...and the stream that started before finishes on the old one.
     finish_stream(stream).await;
-    let text = get_text(g.url("/metrics")).await;
+    let text = get_text(g.at("/metrics")).await;
     assert_eq!(
         common::metric(
             &text,
@@ -495,7 +419,7 @@ async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
 
     assert_eq!(model_ids(&g).await, ["m"]);
     finish_stream(stream).await;
-    let text = get_text(g.url("/metrics")).await;
+    let text = get_text(g.at("/metrics")).await;
     let value = |series: &str| common::metric(&text, series);
     assert_eq!(
         value("llm_gateway_config_reloads_total{result=\"failure\"}"),
@@ -505,7 +429,7 @@ async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
         value("llm_gateway_config_last_reload_successful"),
         Some(0.0)
     );
-    let health = get_json(g.url("/health")).await;
+    let health = get_json(g.at("/health")).await;
     let note = health["config"]["last_reload"].as_str().unwrap();
     assert!(note.contains("upstream.max_attempts"), "{note}");
 
@@ -516,7 +440,7 @@ async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
     let (ready, _) = until(&m.sock, "READY=1").await;
     assert!(!ready.contains("RELOAD"), "{ready}");
     assert_eq!(model_ids(&g).await, ["m2"]);
-    let text = get_text(g.url("/metrics")).await;
+    let text = get_text(g.at("/metrics")).await;
     assert_eq!(
         common::metric(&text, "llm_gateway_config_last_reload_successful"),
         Some(1.0)
@@ -582,34 +506,30 @@ fn start_journaled(
     m: &Manager,
     journal_dir: Option<&std::path::Path>,
     env: &[(&str, &str)],
-) -> (Service, std::io::PipeReader) {
+) -> (GatewayProcess, std::io::PipeReader) {
     use std::os::unix::fs::MetadataExt;
     let (reader, writer) = std::io::pipe().unwrap();
     let meta = std::fs::File::from(OwnedFd::from(writer.try_clone().unwrap()))
         .metadata()
         .unwrap();
-    let port = free_port();
-    let mut cmd = match journal_dir {
-        Some(dir) => {
-            let mut cmd = Command::new("unshare");
-            cmd.args([
-                "-rm",
-                "sh",
-                "-c",
-                "mount -t tmpfs none /run/systemd && mkdir /run/systemd/journal && \
-                 mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
-                dir.to_str().unwrap(),
-                BIN,
-            ]);
-            cmd
-        }
-        None => Command::new(BIN),
-    };
-    cmd.args(["serve", "--config", m.config.to_str().unwrap()])
-        .env("LLM_GATEWAY__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
-        .stderr(writer);
-    (m.spawn(cmd, env, port), reader)
+    let mut launch = m.launch();
+    if let Some(dir) = journal_dir {
+        launch = launch.wrapped_in(&[
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /run/systemd && mkdir /run/systemd/journal && \
+             mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+            dir.to_str().unwrap(),
+        ]);
+    }
+    let process = launch
+        .env("JOURNAL_STREAM", &format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(writer)
+        .envs(env)
+        .spawn();
+    (process, reader)
 }
 
 /// Parses one journald native-protocol datagram: `NAME=value\n`, or `NAME\n`, a 64-bit
@@ -643,7 +563,7 @@ async fn with_stderr_on_the_journal_events_go_to_journald_with_structured_fields
         start_journaled(&m, Some(journal_dir.path()), &[("RUST_LOG", "info")]);
     until(&m.sock, "READY=1").await;
     let r = client()
-        .post(g.url("/v1/chat/completions"))
+        .post(g.at("/v1/chat/completions"))
         .header("x-request-id", "journal-test-1")
         .json(&chat_body(false))
         .send()
@@ -690,7 +610,7 @@ async fn without_a_journald_socket_logs_go_to_stderr_with_a_warning() {
         &[("LLM_GATEWAY__LOGGING__OUTPUT", "journald")],
     );
     until(&m.sock, "READY=1").await;
-    let r = client().get(g.url("/health")).send().await.unwrap();
+    let r = client().get(g.at("/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(tokio::task::block_in_place(|| g.terminate()).success());
     let mut text = String::new();
@@ -717,7 +637,7 @@ async fn a_reload_changes_the_log_level() {
     until(&m.sock, "READY=1").await;
     let send = |id: &'static str| {
         client()
-            .post(g.url("/v1/chat/completions"))
+            .post(g.at("/v1/chat/completions"))
             .header("x-request-id", id)
             .json(&chat_body(false))
             .send()

@@ -1,6 +1,8 @@
-//! Test support: a gateway on port 0 in this process, mock upstreams, and waiting helpers.
+//! Test support: a gateway on port 0 in this process, the gateway binary as a child
+//! process (`process.rs`), mock upstreams, and waiting helpers.
 #![allow(dead_code, reason = "each test crate uses a subset")]
 pub mod pg;
+pub mod process;
 pub mod tmpfs;
 
 use std::net::SocketAddr;
