@@ -1,7 +1,10 @@
-//! The API surface: the route table, the one authentication layer in front of it (with its
-//! short public allowlist), the HTTP rules checked before routing, the status endpoints
-//! (`/health`, `/ready`, `/metrics`, `/v1/models`) and the one place errors become
-//! OpenAI-style JSON. The proxied endpoints themselves live in `proxy/`.
+//! The API surface: the route table (`routes.rs`), the request id and span every request
+//! gets first (`request_context.rs`) with the rules of HTTP itself (`http_rules.rs`), the one
+//! authentication layer in front of every route, with its short public allowlist
+//! (`authn.rs`), the status endpoints (`/health`, `/ready`, `/metrics`,
+//! `/v1/models`: `status.rs`), the one place errors become
+//! OpenAI-style JSON (`error.rs`) and what of a backend's error may be shown
+//! (`upstream_error.rs`). The proxied endpoints themselves live in `proxy/`.
 //!
 //! May depend on `access/`, `proxy/` (handlers), `runtime::state` and `config/`.
 
@@ -11,3 +14,4 @@ pub(crate) mod http_rules;
 pub(crate) mod request_context;
 pub(crate) mod routes;
 pub(crate) mod status;
+pub(crate) mod upstream_error;

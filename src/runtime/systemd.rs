@@ -9,7 +9,8 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::state::AppState;
+use super::periodic::Periodic;
+use super::state::AppState;
 use crate::upstream::Health;
 
 /// How often `STATUS=` is refreshed while serving.
@@ -77,21 +78,19 @@ pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
         return;
     }
     let watchdog = sd_notify::watchdog_enabled().map(|d| (d / 2).max(Duration::from_millis(10)));
-    let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
+    let task = Periodic::new("systemd notify", stop);
     // READY already carried a status: the first refresh is one period later.
-    let mut status =
-        tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
-    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = ping.tick(), if watchdog.is_some() => send(&[NotifyState::Watchdog]),
-            _ = status.tick() => {
-                if !state.is_draining() {
-                    let line = status_line(&state);
-                    send(&[NotifyState::Status(&line)]);
-                }
+    let mut status_sent = tokio::time::Instant::now();
+    while task.pause(every, None).await {
+        if watchdog.is_some() {
+            send(&[NotifyState::Watchdog]);
+        }
+        if status_sent.elapsed() >= STATUS_EVERY {
+            status_sent = tokio::time::Instant::now();
+            if !state.is_draining() {
+                let line = status_line(&state);
+                send(&[NotifyState::Status(&line)]);
             }
         }
     }
