@@ -44,7 +44,7 @@ let
   # The service reads this path, so a settings change can be a reload (same ExecStart).
   configPath = "/etc/llm-gateway/llm-gateway.toml";
 
-  # Keys the program only applies at start (src/reload.rs): changing one restarts the
+  # Keys the program only applies at start (src/runtime/reload.rs): changing one restarts the
   # service; any other change reloads it.
   startOnly = {
     server = lib.filterAttrs (

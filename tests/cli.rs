@@ -237,9 +237,18 @@ impl std::ops::DerefMut for Proc {
 /// Runs `llm-gateway serve` on a socket passed to it, with stderr piped, and returns once
 /// `/health` answers.
 async fn spawn_gateway(config: &str, env: &[(&str, &str)]) -> Proc {
+    spawn_gateway_with(config, env, |l| l).await
+}
+
+/// [`spawn_gateway`] with more set on the launch.
+async fn spawn_gateway_with(
+    config: &str,
+    env: &[(&str, &str)],
+    more: impl FnOnce(Launch) -> Launch,
+) -> Proc {
     let state = tempfile::tempdir().unwrap();
     let path = temp_file("gw.toml", &common::with_test_storage(config, state.path()));
-    let process = Launch::serve(&path)
+    let process = more(Launch::serve(&path))
         .envs(env)
         .stderr(Stdio::piped())
         .start()
@@ -276,7 +285,9 @@ fn gateway_config(base_url: &str, backend_extra: &str) -> String {
 async fn serve_reads_credentials_and_env_overrides() {
     let up = mock().await;
     let creds = temp_file("upstream-key", "sk-from-credential\n");
-    let gw = spawn_gateway(
+    // The config says listen = 127.0.0.1:1; LLM_GATEWAY__SERVER__LISTEN (127.0.0.1:0)
+    // overrides it, and the gateway binds that itself.
+    let gw = spawn_gateway_with(
         &gateway_config(
             &up.base_url(),
             "api_key = { credential = \"upstream-key\" }",
@@ -285,8 +296,10 @@ async fn serve_reads_credentials_and_env_overrides() {
             "CREDENTIALS_DIRECTORY",
             creds.parent().unwrap().to_str().unwrap(),
         )],
+        Launch::binding_itself,
     )
     .await;
+    assert_ne!(gw.port, 1, "LLM_GATEWAY__SERVER__LISTEN not applied");
     let r = client()
         .post(format!("{}/v1/chat/completions", gw.url))
         .json(&chat_body(false))

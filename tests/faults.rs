@@ -161,14 +161,7 @@ async fn send_each(url: &str, prefix: &str, n: usize, streams: bool) -> Vec<Stri
 }
 
 async fn metrics_of(url: &str) -> String {
-    client()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    common::get_text(format!("{url}/metrics")).await
 }
 
 async fn store_at(url: &str) -> Store {

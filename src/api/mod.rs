@@ -6,7 +6,8 @@
 //! OpenAI-style JSON (`error.rs`) and what of a backend's error may be shown
 //! (`upstream_error.rs`). The proxied endpoints themselves live in `proxy/`.
 //!
-//! May depend on `access/`, `proxy/` (handlers), `runtime::state` and `config/`.
+//! May depend on `access/`, `proxy/` (its handlers), `upstream/` and `storage::database`
+//! (what `/health` reports), `runtime::state` and `config/`.
 
 pub(crate) mod authn;
 pub(crate) mod error;

@@ -1,5 +1,5 @@
-//! Accounting for one proxied request: what is settled, counted, logged and written to the
-//! usage ledger when it ends (exactly once, also when the client goes away), and the
+//! Phase 6, account: what is settled, counted, logged and written to the usage ledger when
+//! a proxied request ends (exactly once, also when the client goes away), and the
 //! provisional ledger record a stream leaves when its first byte goes out.
 
 use std::sync::Arc;

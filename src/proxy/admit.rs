@@ -1,6 +1,6 @@
-//! Phase 2, admit: whether the gateway takes the request at all, in the order the checks
-//! cost. Before the body is read: room in the usage ledger, and a slot under
-//! `server.max_concurrent_requests` (load shedding). Once the body is read: the model
+//! Phases 1 and 3, admit: whether the gateway takes the request at all, cheapest check
+//! first. Phase 1, before the body is read: room in the usage ledger, and a slot under
+//! `server.max_concurrent_requests` (load shedding). Phase 3, once the body is read: the model
 //! exists, the caller's key may use it, and its rate limits have room (tokens are reserved
 //! up front, as OpenAI does, and settled in `account.rs`).
 

@@ -1,4 +1,4 @@
-//! Phase 3, attempt: choose a backend of the model (`upstream::balancer`), send the request
+//! Phase 4, attempt: choose a backend of the model (`upstream::balancer`), send the request
 //! to it, and fail over to another while nothing has reached the client, within
 //! `upstream.max_attempts` and `upstream.retry_budget`. As in pingora, a request is tried
 //! again only before any byte of the answer was sent; which failures may be retried, and

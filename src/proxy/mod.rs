@@ -13,8 +13,10 @@
 //! 6. `account.rs`: once it is over, exactly once: metrics, access log, rate-limit
 //!    settlement with the counted tokens (`tokens.rs`), the ledger record.
 //!
-//! Authentication happened before all this, in `api::authn`. May depend on `access/`,
-//! `upstream/`, `storage::ledger`, `runtime::state` and `api::error`.
+//! Authentication happened before all this, in `api::authn` (which leaves the caller in
+//! the request). May depend on `access/`, `upstream/`, `storage/` (the ledger and its record
+//! type), `runtime::{state, metrics}`, `config/` and `api/` (errors, the caller, the request
+//! id).
 
 pub(crate) mod account;
 mod admit;

@@ -1,4 +1,4 @@
-//! Phase 1, read: the body (content type, size and time limits) and the few fields the
+//! Phase 2, read: the body (content type, size and time limits) and the few fields the
 //! gateway acts on, checked the way OpenAI checks them. Nothing else of the body is parsed.
 //! A body over the limit is still read (and thrown away, up to a bound) before the 413, so a
 //! client that writes its whole body before it reads the answer (Node's `fetch`, the

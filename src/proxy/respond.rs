@@ -1,4 +1,4 @@
-//! Phase 4, respond: the answer the client gets. A whole body is handed over in slices with
+//! Phase 5, respond: the answer the client gets. A whole body is handed over in slices with
 //! the request's slot held until the connection has taken it (`held_body.rs`); a stream is
 //! relayed event by event (`relay.rs`, `sse.rs`) and settles its record when it ends. Rate
 //! limit headers go on every answer, also on errors.

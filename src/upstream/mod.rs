@@ -1,4 +1,8 @@
-//! Backends: their live state, the balancer that picks one, and the health prober.
+//! Where requests go: each backend with its HTTP client, pool, in-flight count and breaker
+//! (`backend.rs`, `breaker.rs`), the balancer that picks one of a model's routes
+//! (`balancer.rs`), and the health prober (`prober.rs`).
+//!
+//! May depend on `config/` and, for the prober's task, `runtime::{state, periodic}`.
 
 pub(crate) mod backend;
 pub(crate) mod balancer;

@@ -199,12 +199,18 @@ impl GatewayProcess {
         self.child.wait().expect("wait for the gateway");
     }
 
-    /// Waits until `/health` answers 200; panics if the process exits first (with its
-    /// stderr, when piped) or `limit` passes.
+    /// Waits until `/health` answers 200 (for a gateway binding itself: once it listens,
+    /// on the port it listens on); panics if the process exits first (with its stderr, when
+    /// piped) or `limit` passes.
     pub async fn until_healthy(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            if let Ok(r) = super::client().get(self.at("/health")).send().await {
+            if self.url.is_empty() && self.listening().len() == 1 {
+                self.learn_port();
+            }
+            if !self.url.is_empty()
+                && let Ok(r) = super::client().get(self.at("/health")).send().await
+            {
                 assert_eq!(r.status(), 200, "/health");
                 return;
             }
