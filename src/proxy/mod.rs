@@ -37,6 +37,7 @@ use axum::http::HeaderValue;
 use axum::response::Response;
 
 use crate::api::authn::Caller;
+use crate::api::error::ApiError;
 use crate::api::request_context::RequestId;
 use crate::runtime::state::{AppState, Configured};
 use account::Record;
@@ -113,7 +114,7 @@ async fn proxy(
     endpoint: Endpoint,
     request: Request,
     record: &mut Record,
-) -> Result<Proxied, crate::api::error::ApiError> {
+) -> Result<Proxied, ApiError> {
     let mut parsed = read::read(request, endpoint, &current.config).await?;
     let model = admit::authorize(state, current, endpoint, &parsed, record)?;
     let reply = attempt::attempt(state, current, endpoint, model, &mut parsed, record).await?;
