@@ -176,6 +176,34 @@ async fn nothing_is_sent_when_the_watchdog_is_meant_for_another_process() {
     assert!(g.terminate().success());
 }
 
+/// A long watchdog (`WatchdogSec=60s`, systemd's usual range) is pinged at once and then
+/// at half its interval: not held back to, or sped up to, the 5 s status refresh.
+#[tokio::test]
+async fn a_long_watchdog_is_pinged_at_once_and_not_with_each_status_refresh() {
+    let m = Manager::new().await;
+    let mut g = m.start(&[("WATCHDOG_USEC", "60000000")]);
+    until(&m.sock, "READY=1").await;
+    let ready_at = Instant::now();
+    let mut pings = Vec::new();
+    // Until the first status refresh (5 s after start): the pings sent by then.
+    loop {
+        let msg = next(&m.sock, Duration::from_secs(20)).await;
+        if msg.lines().any(|l| l == "WATCHDOG=1") {
+            pings.push(ready_at.elapsed());
+        }
+        if msg.lines().any(|l| l.starts_with("STATUS=serving")) {
+            break;
+        }
+    }
+    assert_eq!(pings.len(), 1, "pings before the first refresh: {pings:?}");
+    assert!(
+        pings[0] < Duration::from_millis(2500),
+        "first ping {:?} after READY (expected at once)",
+        pings[0]
+    );
+    assert!(g.terminate().success());
+}
+
 #[tokio::test]
 async fn passed_sockets_are_served_by_name_and_server_listen_is_not_bound() {
     let m = Manager::new().await;

@@ -78,20 +78,29 @@ pub async fn run(state: Arc<AppState>, stop: CancellationToken) {
         return;
     }
     let watchdog = sd_notify::watchdog_enabled().map(|d| (d / 2).max(Duration::from_millis(10)));
-    let every = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
     let task = Periodic::new("systemd notify", stop);
-    // READY already carried a status: the first refresh is one period later.
-    let mut status_sent = tokio::time::Instant::now();
-    while task.pause(every, None).await {
-        if watchdog.is_some() {
-            send(&[NotifyState::Watchdog]);
+    let now = tokio::time::Instant::now;
+    // The first ping goes out at once; READY already carried a status, so the first
+    // refresh is one period later. Each is due again one period after it was sent.
+    let mut ping_due = watchdog.map(|_| now());
+    let mut status_due = now() + STATUS_EVERY;
+    loop {
+        let due = ping_due.map_or(status_due, |p| p.min(status_due));
+        if !task.pause(due.saturating_duration_since(now()), None).await {
+            return;
         }
-        if status_sent.elapsed() >= STATUS_EVERY {
-            status_sent = tokio::time::Instant::now();
+        if let (Some(every), Some(at)) = (watchdog, ping_due)
+            && now() >= at
+        {
+            send(&[NotifyState::Watchdog]);
+            ping_due = Some(now() + every);
+        }
+        if now() >= status_due {
             if !state.is_draining() {
                 let line = status_line(&state);
                 send(&[NotifyState::Status(&line)]);
             }
+            status_due = now() + STATUS_EVERY;
         }
     }
 }
