@@ -188,6 +188,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.server.validate()?;
         self.validate_durations()?;
+        self.server.validate_listeners()?;
         self.validate_upstream()?;
         self.validate_storage()?;
         self.logging.validate()?;
@@ -203,6 +204,7 @@ impl Config {
             self.upstream_durations(),
             self.storage_durations(),
             self.auth.durations(),
+            self.ledger_durations(),
             self.backend_durations(),
         ];
         for d in all.iter().flatten() {
@@ -241,4 +243,44 @@ impl Config {
 /// Where `LoadCredential=` puts files, if the service manager set it.
 pub fn credentials_directory() -> Option<PathBuf> {
     std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::Config;
+
+    /// The key a config with two faults is reported for.
+    fn first_fault(extra: &str) -> String {
+        let text = format!(
+            "{extra}\n[[backends]]\nname = \"b\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+             [[models]]\nname = \"m\"\nroutes = [{{ backend = \"b\" }}]\n"
+        );
+        match Config::from_toml(&text).unwrap_err() {
+            super::ConfigError::Invalid { key, .. } => key,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn of_two_faults_the_one_checked_first_is_reported() {
+        // Durations are checked in the order of the sections, auth before ledger...
+        assert_eq!(
+            first_fault("[auth]\nrefresh_interval = \"0s\"\n[ledger]\nflush_interval = \"0s\""),
+            "auth.refresh_interval"
+        );
+        // ...and all of them before the listeners.
+        assert_eq!(
+            first_fault(
+                "[server]\nlisten = \"127.0.0.1:9\"\nmetrics_listen = \"127.0.0.1:9\"\n\
+                 shutdown_timeout = \"400d\""
+            ),
+            "server.shutdown_timeout"
+        );
+        // A plain server value comes first of all.
+        assert_eq!(
+            first_fault("[server]\nmax_body_bytes = 0\n[auth]\nrefresh_interval = \"0s\""),
+            "server.max_body_bytes"
+        );
+    }
 }

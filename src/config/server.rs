@@ -95,12 +95,16 @@ impl ServerConfig {
             "server.listen_backlog",
             "must be 1-65535",
         )?;
+        Ok(())
+    }
+
+    /// Checked after every duration (the order in which errors are reported).
+    pub(super) fn validate_listeners(&self) -> Result<(), ConfigError> {
         fail_if(
-            Some(s.listen) == s.metrics_listen && s.listen.port() != 0,
+            Some(self.listen) == self.metrics_listen && self.listen.port() != 0,
             "server.metrics_listen",
             "must differ from server.listen",
-        )?;
-        Ok(())
+        )
     }
 
     pub(super) fn durations(&self) -> Vec<DurationSetting> {

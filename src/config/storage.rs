@@ -169,8 +169,15 @@ impl Config {
             DurationSetting::new("storage.connect_timeout", st.connect_timeout, false),
             DurationSetting::new("storage.heartbeat_interval", st.heartbeat_interval, false),
             DurationSetting::new("storage.query_timeout", st.query_timeout, false),
-            DurationSetting::new("ledger.flush_interval", self.ledger.flush_interval, false),
         ]
+    }
+
+    pub(super) fn ledger_durations(&self) -> Vec<DurationSetting> {
+        vec![DurationSetting::new(
+            "ledger.flush_interval",
+            self.ledger.flush_interval,
+            false,
+        )]
     }
 
     /// `ledger.retention` may be longer than other durations: [`MAX_RETENTION`].
