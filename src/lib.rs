@@ -5,8 +5,8 @@
 //!
 //! - `api/`: what a client meets first: the route table, authentication, the HTTP rules,
 //!   the status endpoints and the one wire format of errors.
-//! - `proxy/`: the request path, one file per phase: read, admit, attempt with failover,
-//!   respond (whole or streamed), account.
+//! - `proxy/`: the request path as phases, in the order a request meets them: admit, read,
+//!   authorize, attempt with failover, respond (whole or streamed), account.
 //! - `access/`: who may call: API keys and their rate limits.
 //! - `upstream/`: where requests go: backends, the balancer, breakers, the health prober.
 //! - `storage/`: what is kept: the database, the usage ledger (spool and shipper), the

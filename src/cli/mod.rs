@@ -1,6 +1,7 @@
 //! The binary's commands: argument parsing (`args.rs`), running `serve` until a signal
 //! (`run.rs`), the demo and the stand-alone mock upstream (`demo.rs`), and the operator
-//! commands on the database: migrate, keys, usage, instances (`admin.rs`).
+//! commands on the database: migrate, keys, usage, instances (`admin.rs`); `check-config`
+//! is in `run.rs`.
 //!
 //! Uses the library only through what `serve` and the operator commands need.
 

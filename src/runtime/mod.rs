@@ -1,7 +1,7 @@
 //! The running process: the server's life from start to drain (`server.rs`), its sockets
 //! (`listeners.rs`) and connections (`connections.rs`, `stall.rs`), the shared state rebuilt on reload (`state.rs`, `reload.rs`), socket
 //! activation and the systemd notify protocol (`activation.rs`, `systemd.rs`), log output
-//! (`logging.rs`), metrics (`metrics.rs`), and the one primitive every background task
+//! (`logging.rs`), metrics (`metrics/`), and the one primitive every background task
 //! repeats with (`periodic.rs`).
 //!
 //! This is where the parts are wired together; it may depend on every other folder.
