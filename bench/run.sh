@@ -2,10 +2,17 @@
 # Benchmark: how much latency and throughput does a gateway add in front of an
 # OpenAI-compatible upstream?
 #
-# One mock upstream (`llm-gateway mock-upstream`, answers 16 tokens instantly) is started
-# and shared by every target. Each target is measured with wrk + bench/chat.lua:
+# One mock upstream (`llm-gateway mock-upstream`, the bundled one: answers 16 tokens
+# instantly) is started and shared by every target. Each target is measured with wrk +
+# bench/chat.lua:
 #   - "direct":      wrk -> mock                  (the baseline)
+#   - "haproxy":     a plain L7 reverse proxy (Debian's haproxy, installed with apt-get when
+#                    missing; 2 threads, http-reuse always)
+#   - "vllm-router": the Rust LLM router from PyPI (`vllm-router`, in a virtualenv this script
+#                    creates under BENCH_VENV; --policy round_robin)
 #   - "llm-gateway": wrk -> llm-gateway -> mock   (open mode, ledger on SQLite)
+#   - "llm-gateway-keys": the default configuration: API keys required (one key, no
+#                    limits), ledger on SQLite
 # and, when listed in BENCH_TARGETS:
 #   - "llm-gateway-nostorage": the gateway as of BENCH_BASELINE_REV, before it had keys,
 #                    limits and a ledger (built from git into its own target dir)
@@ -19,12 +26,19 @@
 # 2 threads}. For each configuration the targets run back to back (warm-up, then the
 # measured run), so slow drift of the machine hits both alike.
 #
+# For every row: p50, p99, req/s, and CPU time per request of the target's own processes
+# (utime + stime from /proc/PID/stat over the measured run, the process and its children;
+# for "direct", the mock's), plus each target's peak RSS (VmHWM, summed over its processes).
+#
 # Usage (from the repo root):   bash bench/run.sh
 #
 # Environment:
 #   BENCH_DURATION=10s     measured duration per cell (wrk -d syntax)
 #   BENCH_WARMUP=2s        warm-up per cell (results discarded, errors still fail the run)
-#   BENCH_TARGETS="llm-gateway"   gateways to compare with "direct" (see start_target_*)
+#   BENCH_TARGETS="haproxy vllm-router llm-gateway llm-gateway-keys"
+#                          targets to compare with "direct" (see start_target_*)
+#   BENCH_VENV=DIR         virtualenv for vllm-router (default ~/.cache/llm-gateway-bench/venv)
+#   BENCH_VLLM_ROUTER=0.1.17      vllm-router version installed there
 #   BENCH_BASELINE_REV=2b02512    commit built for "llm-gateway-nostorage"
 #   BENCH_BEFORE_REV       commit built for "llm-gateway-before"
 #   BENCH_PG_BINDIR        PostgreSQL server binaries (default: newest /usr/lib/postgresql/*/bin)
@@ -43,7 +57,7 @@ cd "$ROOT"
 
 DURATION=${BENCH_DURATION:-10s}
 WARMUP=${BENCH_WARMUP:-2s}
-read -r -a TARGETS <<<"${BENCH_TARGETS:-llm-gateway}"
+read -r -a TARGETS <<<"${BENCH_TARGETS:-haproxy vllm-router llm-gateway llm-gateway-keys}"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release/llm-gateway
 LUA=$ROOT/bench/chat.lua
@@ -53,6 +67,10 @@ MAX_ADDED_P50_US=50      # added p50 latency at 1 connection
 MIN_RPS_RATIO_PCT=60     # gateway throughput at 32 connections, % of direct
 MAX_RSS_MB=30            # gateway peak RSS
 MIN_STORAGE_RATIO_PCT=80 # llm-gateway-pg throughput at 32 connections, % of llm-gateway-nostorage
+# Against the peers (issue 13), for the default configuration (llm-gateway-keys):
+MAX_CPU_VS_HAPROXY=2     # CPU µs per request at 32 connections, times haproxy's
+MIN_RPS_VS_ROUTER=1.5    # throughput at 32 connections, times vllm-router's
+                         # p99 at 1 connection: no worse than vllm-router's
 
 log() { echo "==> $*" >&2; }
 die() { echo "ERROR: $*" >&2; exit 1; }
@@ -141,9 +159,10 @@ start_target_direct() {
     echo "$1"
 }
 
-# The gateway binary BIN as target NAME: open mode, ledger on SQLite, health checks on.
-start_gateway() { # start_gateway NAME BIN MOCK_BASE_URL
-    local name=$1 bin=$2 mock=$3 port workers=""
+# The gateway binary BIN as target NAME: ledger on SQLite, health checks on; AUTH "open"
+# (the default here) or "keys" (one key without limits, sent by wrk).
+start_gateway() { # start_gateway NAME BIN MOCK_BASE_URL [AUTH]
+    local name=$1 bin=$2 mock=$3 auth=${4:-open} port workers="" key
     port=$(free_port)
     [[ -n ${BENCH_GW_WORKERS:-} ]] && workers="worker_threads = $BENCH_GW_WORKERS"
     cat >"$WORK/$name.toml" <<EOF
@@ -155,9 +174,13 @@ enabled = true
 [storage]
 state_dir = "$WORK/state-$name"
 [auth]
-mode = "open"
+mode = "$auth"
 $(routes_toml "$mock")
 EOF
+    if [[ $auth == keys ]]; then
+        key=$("$bin" keys create --config "$WORK/$name.toml" --name bench | head -n 1)
+        echo "Authorization: Bearer $key" >"$WORK/$name.header"
+    fi
     # RUST_LOG=warn: at info level the gateway logs one line per request.
     RUST_LOG=warn spawn "$name" "$bin" serve --config "$WORK/$name.toml"
     # /ready turns 200 once the health check has seen the backend up.
@@ -180,6 +203,70 @@ build_rev() { # build_rev REV DIR
 
 start_target_llm-gateway() {
     start_gateway llm-gateway "$BIN" "$1"
+}
+
+# The default configuration: keys required, ledger on SQLite.
+start_target_llm-gateway-keys() {
+    start_gateway llm-gateway-keys "$BIN" "$1" keys
+}
+
+# Installs a Debian package when its command is missing (as root, or with sudo).
+apt_install() { # apt_install COMMAND PACKAGE
+    command -v "$1" >/dev/null && return 0
+    log "$1 not found: installing Debian's '$2' with apt-get"
+    local sudo=()
+    [[ $(id -u) == 0 ]] || sudo=(sudo)
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "$2" >&2 ||
+        { "${sudo[@]}" apt-get update >&2 && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "$2" >&2; }
+    command -v "$1" >/dev/null || die "could not install $2"
+}
+
+# haproxy as a plain L7 reverse proxy: HTTP mode, 2 threads, upstream connections reused.
+start_target_haproxy() {
+    local mock=$1 port hostport
+    apt_install haproxy haproxy
+    port=$(free_port)
+    hostport=${mock#http://}
+    hostport=${hostport%%/*}
+    cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 2
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    http-reuse always
+frontend bench
+    bind 127.0.0.1:$port
+    default_backend mock
+backend mock
+    server mock $hostport
+EOF
+    # -db: stay in the foreground (the recorded PID is haproxy's own).
+    spawn haproxy haproxy -db -f "$WORK/haproxy.cfg"
+    wait_http haproxy "http://127.0.0.1:$port/v1/models"
+    echo "http://127.0.0.1:$port/v1"
+}
+
+# vllm-router from PyPI in its own virtualenv (created once, reused by later runs).
+start_target_vllm-router() {
+    local mock=$1 port venv=${BENCH_VENV:-$HOME/.cache/llm-gateway-bench/venv}
+    local version=${BENCH_VLLM_ROUTER:-0.1.17}
+    if [[ ! -x $venv/bin/vllm-router || $("$venv/bin/pip" show vllm-router 2>/dev/null | sed -n 's/^Version: //p') != "$version" ]]; then
+        log "installing vllm-router $version into $venv"
+        python3 -m venv "$venv" >&2
+        "$venv/bin/pip" install --quiet "vllm-router==$version" >&2 || die "pip install vllm-router failed"
+    fi
+    port=$(free_port)
+    # It waits for the worker's /health (the mock has one, as vLLM does); its own
+    # Prometheus exporter gets a free port too (the default one may be taken).
+    spawn vllm-router "$venv/bin/vllm-router" --host 127.0.0.1 --port "$port" \
+        --worker-urls "${mock%/v1}" --policy round_robin --log-level warning \
+        --prometheus-host 127.0.0.1 --prometheus-port "$(free_port)"
+    wait_http vllm-router "http://127.0.0.1:$port/v1/models"
+    echo "http://127.0.0.1:$port/v1"
 }
 
 # The same gateway at commit BENCH_BEFORE_REV, same configuration: before/after in one run.
@@ -273,6 +360,45 @@ field() { # field LINE KEY  -> value of KEY=value in LINE
     sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"
 }
 
+# --- CPU time and memory of a target's processes ------------------------------------------
+
+# The process a target is measured by: the one spawned under its name (for "direct", the
+# mock; for llm-gateway-pg, the gateway, not the PostgreSQL server).
+proc_of() { if [[ $1 == direct ]]; then echo mock; else echo "$1"; fi; }
+
+# PID and all its descendants.
+tree() { # tree PID
+    local pid=$1 child
+    echo "$pid"
+    for child in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do tree "$child"; done
+}
+
+# utime + stime, in clock ticks, of process NAME and its descendants, now.
+cpu_ticks() { # cpu_ticks NAME
+    local pidfile=$WORK/$1.pid total=0 pid stat f
+    [[ -f $pidfile ]] || { echo 0; return; }
+    for pid in $(tree "$(cat "$pidfile")"); do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        # The fields after "pid (comm) " start at field 3: utime (14) and stime (15).
+        read -r -a f <<<"${stat##*) }"
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# Peak RSS (VmHWM) in MB of process NAME and its descendants, or nothing.
+peak_rss_mb() { # peak_rss_mb NAME
+    local pidfile=$WORK/$1.pid kb=0 pid v
+    [[ -f $pidfile ]] || return 0
+    for pid in $(tree "$(cat "$pidfile")"); do
+        v=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || continue
+        kb=$((kb + ${v:-0}))
+    done
+    ((kb > 0)) && awk -v kb="$kb" 'BEGIN { printf "%.1f", kb / 1024 }'
+    return 0
+}
+
 # --- Main ---------------------------------------------------------------------------------
 
 if ! command -v wrk >/dev/null; then
@@ -311,7 +437,7 @@ done
 
 # Configurations: MODE:CONNS:THREADS
 CONFIGS=(plain:1:1 plain:32:2 stream:1:1 stream:32:2)
-declare -A P50 P99 RPS
+declare -A P50 P99 RPS CPU
 for cfg in "${CONFIGS[@]}"; do
     IFS=: read -r mode conns threads <<<"$cfg"
     for t in "${ALL[@]}"; do
@@ -319,9 +445,13 @@ for cfg in "${CONFIGS[@]}"; do
         header=$(cat "$WORK/$t.header" 2>/dev/null || true)
         log "$label: warm-up $WARMUP, then $DURATION"
         run_wrk "${URL[$t]}" "$threads" "$conns" "$WARMUP" "$mode" "$label (warm-up)" "$header" >/dev/null
+        ticks=$(cpu_ticks "$(proc_of "$t")")
         line=$(run_wrk "${URL[$t]}" "$threads" "$conns" "$DURATION" "$mode" "$label" "$header")
-        log "  $line"
+        ticks=$(($(cpu_ticks "$(proc_of "$t")") - ticks))
         key="$t|$mode|$conns"
+        CPU[$key]=$(awk -v d="$ticks" -v hz="$CLK_TCK" -v n="$(field "$line" requests)" \
+            'BEGIN { printf "%.1f", d / hz * 1e6 / n }')
+        log "  $line cpu_us_per_request=${CPU[$key]}"
         P50[$key]=$(field "$line" p50_us)
         P99[$key]=$(field "$line" p99_us)
         RPS[$key]=$(field "$line" rps)
@@ -331,10 +461,7 @@ done
 # Peak RSS (VmHWM) of each gateway process, read now, while it still runs.
 declare -A RSS_MB
 for t in "${TARGETS[@]}"; do
-    pidfile=$WORK/$t.pid
-    if [[ -f $pidfile ]] && kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$(cat "$pidfile")/status" 2>/dev/null); then
-        RSS_MB[$t]=$(awk -v kb="$kb" 'BEGIN { printf "%.1f", kb / 1024 }')
-    fi
+    RSS_MB[$t]=$(peak_rss_mb "$t")
 done
 
 # --- Report -------------------------------------------------------------------------------
@@ -352,19 +479,21 @@ report() {
     notes+=", load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "Benchmark: $notes"
     echo
-    echo "| target | mode | conns | direct p50 µs | direct p99 µs | direct req/s | target p50 µs | target p99 µs | target req/s | added p50 µs | added p99 µs | req/s vs direct |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "CPU µs/req: CPU time of the target's own processes per request over the measured run"
+    echo "(for direct: the mock's). Added latency and req/s are relative to direct in the same cell."
+    echo
+    echo "| target | mode | conns | p50 µs | p99 µs | req/s | added p50 µs | added p99 µs | req/s vs direct | CPU µs/req |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     local t cfg mode conns threads d k
-    for t in "${TARGETS[@]}"; do
-        for cfg in "${CONFIGS[@]}"; do
-            IFS=: read -r mode conns threads <<<"$cfg"
+    for cfg in "${CONFIGS[@]}"; do
+        IFS=: read -r mode conns threads <<<"$cfg"
+        for t in "${ALL[@]}"; do
             d="direct|$mode|$conns" k="$t|$mode|$conns"
             awk -v t="$t" -v m="$mode" -v c="$conns" \
                 -v dp50="${P50[$d]}" -v dp99="${P99[$d]}" -v drps="${RPS[$d]}" \
-                -v gp50="${P50[$k]}" -v gp99="${P99[$k]}" -v grps="${RPS[$k]}" \
-                'BEGIN { printf "| %s | %s | %d | %d | %d | %.0f | %d | %d | %.0f | %+d | %+d | %.0f%% |\n",
-                         t, m, c, dp50, dp99, drps, gp50, gp99, grps,
-                         gp50 - dp50, gp99 - dp99, 100 * grps / drps }'
+                -v gp50="${P50[$k]}" -v gp99="${P99[$k]}" -v grps="${RPS[$k]}" -v cpu="${CPU[$k]}" \
+                'BEGIN { printf "| %s | %s | %d | %d | %d | %.0f | %+d | %+d | %.0f%% | %.1f |\n",
+                         t, m, c, gp50, gp99, grps, gp50 - dp50, gp99 - dp99, 100 * grps / drps, cpu }'
         done
     done
     echo
@@ -377,6 +506,7 @@ report() {
 checks() {
     local t mode d k
     for t in "${TARGETS[@]}"; do
+        [[ $t == llm-gateway* ]] || continue
         for mode in plain stream; do
             d="direct|$mode|1" k="$t|$mode|1"
             awk -v t="$t" -v m="$mode" -v a="$((${P50[$k]} - ${P50[$d]}))" -v max="$MAX_ADDED_P50_US" \
@@ -394,6 +524,7 @@ checks() {
             'BEGIN { if (r == "") { printf "MISS  %s: peak RSS unknown\n", t; exit }
                      printf "%s  %s: peak RSS %.1f MB (target <= %d MB)\n", (r <= max ? "PASS" : "MISS"), t, r, max }'
     done
+    peer_checks
     if [[ -n ${RPS["llm-gateway-pg|plain|32"]:-} && -n ${RPS["llm-gateway-nostorage|plain|32"]:-} ]]; then
         for mode in plain stream; do
             awk -v m="$mode" -v s="${RPS["llm-gateway-pg|$mode|32"]}" -v b="${RPS["llm-gateway-nostorage|$mode|32"]}" \
@@ -401,6 +532,31 @@ checks() {
                 'BEGIN { r = 100 * s / b;
                          printf "%s  storage: llm-gateway-pg throughput at 32 connections, %s: %.0f%% of llm-gateway-nostorage (target >= %d%%)\n",
                          (r >= min ? "PASS" : "MISS"), m, r, min }'
+        done
+    fi
+}
+
+# The default configuration against the peers, when their rows were measured.
+peer_checks() {
+    local g=llm-gateway-keys mode
+    [[ -n ${RPS["$g|plain|32"]:-} ]] || return 0
+    if [[ -n ${CPU["haproxy|plain|32"]:-} ]]; then
+        for mode in plain stream; do
+            awk -v t="$g" -v m="$mode" -v g="${CPU["$g|$mode|32"]}" -v h="${CPU["haproxy|$mode|32"]}" -v max="$MAX_CPU_VS_HAPROXY" \
+                'BEGIN { r = g / h;
+                         printf "%s  %s: CPU per request at 32 connections, %s: %.1f µs = %.2fx haproxy (%.1f µs; target <= %gx)\n",
+                         (r <= max ? "PASS" : "MISS"), t, m, g, r, h, max }'
+        done
+    fi
+    if [[ -n ${RPS["vllm-router|plain|32"]:-} ]]; then
+        for mode in plain stream; do
+            awk -v t="$g" -v m="$mode" -v g="${RPS["$g|$mode|32"]}" -v v="${RPS["vllm-router|$mode|32"]}" -v min="$MIN_RPS_VS_ROUTER" \
+                'BEGIN { r = g / v;
+                         printf "%s  %s: throughput at 32 connections, %s: %.0f req/s = %.2fx vllm-router (%.0f; target >= %gx)\n",
+                         (r >= min ? "PASS" : "MISS"), t, m, g, r, v, min }'
+            awk -v t="$g" -v m="$mode" -v g="${P99["$g|$mode|1"]}" -v v="${P99["vllm-router|$mode|1"]}" \
+                'BEGIN { printf "%s  %s: p99 at 1 connection, %s: %d µs; vllm-router %d µs (target: no worse)\n",
+                         (g <= v ? "PASS" : "MISS"), t, m, g, v }'
         done
     fi
 }

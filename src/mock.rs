@@ -131,6 +131,8 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        // vLLM's liveness endpoint, which routers in front of it (vllm-router) wait for.
+        .route("/health", get(|| async { StatusCode::OK }))
         .with_state(state)
 }
 
