@@ -576,6 +576,52 @@ async fn how_a_stream_ended_is_in_its_ledger_row(db: Db) {
     );
 }
 
+/// A batch holding a stream's provisional record and its final one (same id) leaves the
+/// final one, in either order, and counts it once; every field arrives as it was sent.
+async fn a_final_record_wins_over_its_provisional_one_in_one_batch(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let up = mock().await;
+    let config = Config::from_toml(&config_for(&[&up], &storage(db, dir.path(), "open"))).unwrap();
+    let store = Store::open(&config).await.unwrap();
+    let record = |i: usize, outcome: Outcome| UsageRecord {
+        id: format!("00000000-0000-7000-8000-{i:012}"),
+        request_id: format!("r-\"{i}\"-\u{e9}"),
+        ts_ms: 1_700_000_000_000 + i as i64,
+        key_id: Some(format!("k{i}")),
+        model: Some("m".into()),
+        backend: None,
+        endpoint: "chat_completions".into(),
+        status: 200,
+        prompt_tokens: 7,
+        completion_tokens: if outcome == Outcome::Interrupted {
+            0
+        } else {
+            11
+        },
+        estimated: outcome == Outcome::Interrupted,
+        latency_us: 123_456,
+        ttft_us: Some(789),
+        client_disconnected: false,
+        instance_id: "i".into(),
+        outcome,
+    };
+    let batch = vec![
+        record(1, Outcome::Interrupted),
+        record(1, Outcome::Complete),
+        record(2, Outcome::StreamBroken),
+        record(2, Outcome::Interrupted),
+    ];
+    assert_eq!(store.insert_usage(&batch).await.unwrap(), 2);
+    let rows = store.usage_records(0).await.unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            record(1, Outcome::Complete),
+            record(2, Outcome::StreamBroken)
+        ]
+    );
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -598,6 +644,7 @@ on_both!(
     retention_deletes_old_rows_in_batches_and_keeps_new_ones,
     a_record_the_database_refuses_is_set_aside_and_the_rest_shipped,
     how_a_stream_ended_is_in_its_ledger_row,
+    a_final_record_wins_over_its_provisional_one_in_one_batch,
 );
 
 /// `keys create` may run while the service starts: both migrate the same fresh database.
