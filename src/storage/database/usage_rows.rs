@@ -168,8 +168,8 @@ impl Store {
                 // Rows are applied in array order, so a final record after its provisional
                 // one in the same batch updates it. json_each renders its `value` as JSON
                 // text each time it is read, and each json_extract would parse that text
-                // again: 16 renders and parses per row (15 % of the gateway's CPU under
-                // load, docs/benchmarks.md). The materialized CTE turns each record into
+                // again: 16 renders and parses per row (10.6 % of the gateway's CPU samples
+                // at 32 connections, docs/benchmarks.md). The materialized CTE turns each record into
                 // SQLite's binary JSON once; the fields are then looked up in that.
                 let fields: Vec<String> = COLUMNS
                     .split(", ")
