@@ -576,22 +576,45 @@ async fn how_a_stream_ended_is_in_its_ledger_row(db: Db) {
     );
 }
 
-/// A batch holding a stream's provisional record and its final one (same id) leaves the
-/// final one, in either order, and counts it once; every field arrives as it was sent.
-async fn a_final_record_wins_over_its_provisional_one_in_one_batch(db: Db) {
+/// A store of its own on `db`, with the directory it lives in (SQLite) and the mock the
+/// configuration names.
+async fn bare_store(db: Db) -> (Store, tempfile::TempDir, llm_gateway::mock::MockUpstream) {
     let dir = tempfile::tempdir().unwrap();
     let up = mock().await;
     let config = Config::from_toml(&config_for(&[&up], &storage(db, dir.path(), "open"))).unwrap();
-    let store = Store::open(&config).await.unwrap();
-    let record = |i: usize, outcome: Outcome| UsageRecord {
+    (Store::open(&config).await.unwrap(), dir, up)
+}
+
+/// Usage record number `i`: a complete chat completion of 1 + 1 tokens at `ts_ms`.
+fn usage_record(i: usize, ts_ms: i64) -> UsageRecord {
+    UsageRecord {
         id: format!("00000000-0000-7000-8000-{i:012}"),
-        request_id: format!("r-\"{i}\"-\u{e9}"),
-        ts_ms: 1_700_000_000_000 + i as i64,
-        key_id: Some(format!("k{i}")),
+        request_id: format!("r-{i}"),
+        ts_ms,
+        key_id: None,
         model: Some("m".into()),
-        backend: None,
+        backend: Some("b0".into()),
         endpoint: "chat_completions".into(),
         status: 200,
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        estimated: false,
+        latency_us: 1,
+        ttft_us: None,
+        client_disconnected: false,
+        instance_id: "i".into(),
+        outcome: Outcome::Complete,
+    }
+}
+
+/// A batch holding a stream's provisional record and its final one (same id) leaves the
+/// final one, in either order, and counts it once; every field arrives as it was sent.
+async fn a_final_record_wins_over_its_provisional_one_in_one_batch(db: Db) {
+    let (store, _dir, _up) = bare_store(db).await;
+    let record = |i: usize, outcome: Outcome| UsageRecord {
+        request_id: format!("r-\"{i}\"-\u{e9}"),
+        key_id: Some(format!("k{i}")),
+        backend: None,
         prompt_tokens: 7,
         completion_tokens: if outcome == Outcome::Interrupted {
             0
@@ -601,9 +624,8 @@ async fn a_final_record_wins_over_its_provisional_one_in_one_batch(db: Db) {
         estimated: outcome == Outcome::Interrupted,
         latency_us: 123_456,
         ttft_us: Some(789),
-        client_disconnected: false,
-        instance_id: "i".into(),
         outcome,
+        ..usage_record(i, 1_700_000_000_000 + i as i64)
     };
     let batch = vec![
         record(1, Outcome::Interrupted),
@@ -664,28 +686,8 @@ async fn concurrent_first_opens_of_one_database_all_succeed() {
 }
 
 async fn retention_deletes_old_rows_in_batches_and_keeps_new_ones(db: Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let up = mock().await;
-    let config = Config::from_toml(&config_for(&[&up], &storage(db, dir.path(), "open"))).unwrap();
-    let store = Store::open(&config).await.unwrap();
-    let record = |i: usize, ts_ms: i64| UsageRecord {
-        id: format!("00000000-0000-7000-8000-{i:012}"),
-        request_id: format!("r-{i}"),
-        ts_ms,
-        key_id: None,
-        model: Some("m".into()),
-        backend: Some("b0".into()),
-        endpoint: "chat_completions".into(),
-        status: 200,
-        prompt_tokens: 1,
-        completion_tokens: 1,
-        estimated: false,
-        latency_us: 1,
-        ttft_us: None,
-        client_disconnected: false,
-        instance_id: "i".into(),
-        outcome: Outcome::Complete,
-    };
+    let (store, _dir, _up) = bare_store(db).await;
+    let record = usage_record;
     // 12 000 old rows (more than two delete batches) and 10 recent ones.
     for chunk in 0..12 {
         let rows: Vec<UsageRecord> = (0..1000).map(|j| record(chunk * 1000 + j, 1_000)).collect();
