@@ -417,20 +417,9 @@ async fn a_record_the_database_refuses_is_set_aside_and_the_rest_shipped(db: Db)
         let good = UsageRecord {
             id: "01900000-0000-7000-8000-000000000001".into(),
             request_id: "left-over".into(),
-            ts_ms: 1,
-            key_id: None,
-            model: Some("m".into()),
             backend: None,
-            endpoint: "chat_completions".into(),
-            status: 200,
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            estimated: false,
-            latency_us: 1,
-            ttft_us: None,
-            client_disconnected: false,
             instance_id: "old".into(),
-            outcome: Outcome::Complete,
+            ..usage_record(1, 1)
         };
         spool
             .append(br#"{"id":"01900000-0000-7000-8000-000000000002"}"#)
