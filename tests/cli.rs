@@ -715,3 +715,36 @@ async fn the_demo_binds_any_port_keeps_its_state_private_and_cleans_up() {
         "state left behind"
     );
 }
+
+#[tokio::test]
+/// `server.worker_threads` is the number of request worker threads (each with its own
+/// runtime), and requests are served on them.
+async fn worker_threads_sets_the_number_of_request_workers() {
+    let up = mock().await;
+    let config = format!(
+        "[server]\nworker_threads = 3\n[health_check]\nenabled = false\n{}{}",
+        backend("b", &up.base_url(), ""),
+        model("m", &["b"])
+    );
+    let gw = spawn_gateway(&config, &[]).await;
+    let r = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tasks = format!("/proc/{}/task", gw.child.id());
+    let mut workers: Vec<String> = std::fs::read_dir(&tasks)
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("llm-gw-worker-"))
+        .collect();
+    workers.sort();
+    assert_eq!(
+        workers,
+        ["llm-gw-worker-0", "llm-gw-worker-1", "llm-gw-worker-2"],
+        "threads of the gateway"
+    );
+}

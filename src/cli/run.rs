@@ -70,7 +70,7 @@ where
     Fut: std::future::Future<Output = Result<String, admin::AdminError>>,
 {
     let config = load(path)?;
-    let out = runtime(1)?.block_on(command(config))?;
+    let out = control_runtime()?.block_on(command(config))?;
     print!("{out}");
     Ok(())
 }
@@ -86,6 +86,17 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The runtime of `serve`'s own thread and the operator commands: background tasks and
+/// accepting only; requests run on the request workers `serve` starts
+/// (`runtime/workers.rs`).
+fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A multi-threaded runtime (the demo and the mock upstream); 0 workers: one per CPU.
 pub(super) fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
@@ -104,7 +115,7 @@ fn run_serve(
 ) -> anyhow::Result<()> {
     // Before the runtime starts any thread: this edits the environment.
     let passed = activation::take()?;
-    runtime(config.server.worker_threads)?.block_on(async {
+    control_runtime()?.block_on(async {
         let listeners = match passed {
             Some(passed) => Listeners::from_passed(passed, &config)
                 .await

@@ -7,6 +7,9 @@ use serde::Deserialize;
 
 use super::{ConfigError, DurationSetting, fail_if};
 
+/// Most request worker threads (`server.worker_threads`).
+const MAX_WORKERS: usize = 1024;
+
 /// `[server]`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -29,7 +32,8 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// Tokio worker threads; 0 means one per CPU.
+    /// Request worker threads (each a single-threaded runtime serving whole connections);
+    /// 0 means one per CPU the process may use.
     pub worker_threads: usize,
     /// A response write that makes no progress this long closes the connection (a client
     /// that stops reading must not hold a stream and its backend slot forever).
@@ -68,6 +72,15 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// Request worker threads in effect: `worker_threads`, or one per CPU this process may
+    /// run on when it is 0.
+    pub fn workers(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let s = self;
         fail_if(
@@ -94,6 +107,11 @@ impl ServerConfig {
             s.listen_backlog == 0 || s.listen_backlog > 65_535,
             "server.listen_backlog",
             "must be 1-65535",
+        )?;
+        fail_if(
+            s.worker_threads > MAX_WORKERS,
+            "server.worker_threads",
+            "must be 0 (one per CPU) - 1024",
         )?;
         Ok(())
     }

@@ -162,7 +162,7 @@ impl Call<'_> {
             .map_err(|_| Failure::last(ApiError::UpstreamInvalid, "bad_url"))?;
         let response = {
             let mut request = backend
-                .client
+                .client()
                 .post(url)
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(REQUEST_ID_HEADER, self.request_id.clone())

@@ -1,6 +1,7 @@
-//! Client connections: the accept loop with its connection limit, and serving one
-//! connection (HTTP/1 via hyper, writes guarded against stalled readers by `stall.rs`)
-//! until it ends, is drained after its current request, or is cut off.
+//! Client connections: the accept loop with its connection limit, which hands each
+//! connection to a request worker (`workers.rs`), and serving one connection (HTTP/1 via
+//! hyper, writes guarded against stalled readers by `stall.rs`) until it ends, is drained
+//! after its current request, or is cut off.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
 use super::stall::WriteStallGuard;
+use super::workers::Workers;
 
 /// At most one "connection limit reached" warning per this interval (each time counts in
 /// `connection_limit_reached_total`).
@@ -36,10 +38,13 @@ pub(super) struct ConnCtx<'a> {
     /// Open connections per listener at most.
     pub(super) max_connections: usize,
     pub(super) metrics: &'a Metrics,
+    /// Where connections are served.
+    pub(super) workers: &'a Workers,
 }
 
 impl ConnCtx<'_> {
-    /// Accepts until dropped; each connection runs as a tracked task. At
+    /// Accepts until dropped; each connection runs as a tracked task on the next request
+    /// worker. At
     /// `max_connections` open connections it stops accepting (new ones wait in the
     /// backlog) until one closes.
     pub(super) async fn accept_loop(&self, listener: TcpListener, app: Router) {
@@ -77,31 +82,44 @@ impl ConnCtx<'_> {
             {
                 tracing::debug!(error = %e, %peer, "TCP_NODELAY failed");
             }
-            // Marks the connection's first request, so that a drain does not close a
-            // connection whose request is still on its way.
-            let first = CancellationToken::new();
-            let service = {
-                let (inner, first) = (TowerToHyperService::new(app.clone()), first.clone());
-                hyper::service::service_fn(move |request| {
-                    first.cancel();
-                    inner.call(request)
-                })
+            // The socket moves to the worker's own reactor, so its readiness wakes that
+            // thread and no other.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(error = %e, %peer, "cannot hand over the connection");
+                    continue;
+                }
             };
-            let io = TokioIo::new(WriteStallGuard::new(stream, self.write_stall_timeout));
-            let connection = self.builder.serve_connection(io, service);
+            let app = app.clone();
+            let builder = self.builder.clone();
             let open = self.metrics.connection_opened();
-            let served = serve_connection(
-                connection,
-                first,
-                self.drain.clone(),
-                self.hard_stop.clone(),
-                self.first_request_grace,
-                peer,
-            );
-            self.tracker.spawn(async move {
-                served.await;
+            let (drain, hard_stop) = (self.drain.clone(), self.hard_stop.clone());
+            let (grace, stall) = (self.first_request_grace, self.write_stall_timeout);
+            let connection = async move {
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "cannot adopt the connection");
+                        return;
+                    }
+                };
+                // Marks the connection's first request, so that a drain does not close a
+                // connection whose request is still on its way.
+                let first = CancellationToken::new();
+                let service = {
+                    let (inner, first) = (TowerToHyperService::new(app), first.clone());
+                    hyper::service::service_fn(move |request| {
+                        first.cancel();
+                        inner.call(request)
+                    })
+                };
+                let io = TokioIo::new(WriteStallGuard::new(stream, stall));
+                let connection = builder.serve_connection(io, service);
+                serve_connection(connection, first, drain, hard_stop, grace, peer).await;
                 drop((slot, open));
-            });
+            };
+            self.tracker.spawn_on(connection, self.workers.next());
         }
     }
 }

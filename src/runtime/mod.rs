@@ -1,8 +1,9 @@
 //! The running process: the server's life from start to drain (`server.rs`), its sockets
-//! (`listeners.rs`) and connections (`connections.rs`, `stall.rs`), the shared state rebuilt on reload (`state.rs`, `reload.rs`), socket
-//! activation and the systemd notify protocol (`activation.rs`, `systemd.rs`), log output
-//! (`logging.rs`), metrics (`metrics/`), and the one primitive every background task
-//! repeats with (`periodic.rs`).
+//! (`listeners.rs`), connections (`connections.rs`, `stall.rs`) and the request workers
+//! that serve them (`workers.rs`), the shared state rebuilt on reload (`state.rs`,
+//! `reload.rs`), socket activation and the systemd notify protocol (`activation.rs`,
+//! `systemd.rs`), log output (`logging.rs`), metrics (`metrics/`), and the one primitive
+//! every background task repeats with (`periodic.rs`).
 //!
 //! This is where the parts are wired together; it may depend on every other folder.
 
@@ -17,3 +18,4 @@ pub(crate) mod server;
 pub(crate) mod stall;
 pub(crate) mod state;
 pub(crate) mod systemd;
+pub(crate) mod workers;

@@ -1,7 +1,7 @@
-//! The server's life: opens storage, builds the shared state, starts the background tasks
-//! and the accept loops (`connections.rs`) on already-bound listeners (`listeners.rs`),
-//! applies reloads, and on shutdown drains in-flight requests and streams within one
-//! deadline before the ledger's last flush.
+//! The server's life: opens storage, builds the shared state, starts the background tasks,
+//! the request workers (`workers.rs`) and the accept loops (`connections.rs`) on
+//! already-bound listeners (`listeners.rs`), applies reloads, and on shutdown drains
+//! in-flight requests and streams within one deadline before the ledger's last flush.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use crate::runtime::metrics::Metrics;
 use crate::runtime::reload::{self, Reload};
 use crate::runtime::state::{AppState, Storage};
 use crate::runtime::systemd;
+use crate::runtime::workers::{WorkerError, Workers};
 use crate::storage::database::{Store, StoreError};
 use crate::storage::ledger::Ledger;
 use crate::storage::ledger::spool::SpoolError;
@@ -40,6 +41,9 @@ pub enum ServeError {
     /// The ledger spool could not be opened.
     #[error("usage spool: {0}")]
     Spool(#[from] SpoolError),
+    /// The request workers could not start.
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
 }
 
 /// Opens the database (migrating it), the spool, and the key table, and registers this
@@ -133,6 +137,7 @@ pub async fn serve_with_reload(
     }
     let hard_stop = CancellationToken::new();
     let drain = CancellationToken::new();
+    let workers = Workers::start(config.server.workers())?;
 
     // HTTP/1.1 only: protocol detection (for cleartext HTTP/2) reads the first bytes with no
     // timeout, so a client that connects and sends nothing would be held forever. hyper's
@@ -152,12 +157,13 @@ pub async fn serve_with_reload(
         write_stall_timeout: config.server.write_stall_timeout,
         max_connections: config.server.max_connections,
         metrics: &state.metrics,
+        workers: &workers,
     };
 
     let api = routes::api(Arc::clone(&state), listeners.metrics.is_none());
     if let Ok(addr) = listeners.api.local_addr() {
         let current = state.current();
-        tracing::info!(%addr, models = current.models.len(), backends = current.backends.len(), "listening");
+        tracing::info!(%addr, models = current.models.len(), backends = current.backends.len(), workers = workers.count(), "listening");
     }
     let accept_api = conn.accept_loop(listeners.api, api);
     // Listeners are bound (by the caller), the configuration is valid and the database is
@@ -209,6 +215,7 @@ pub async fn serve_with_reload(
         hard_stop.cancel();
         connections.wait().await;
     }
+    workers.stop().await;
     // Every request has finished and written its record: ship what is left.
     stop_ledger.cancel();
     tracker.close();

@@ -72,12 +72,17 @@ impl Configured {
             let backend = match kept {
                 Some(b) => b,
                 None => Arc::new(
-                    Backend::new(cfg, secret, &config.upstream, &config.circuit_breaker).map_err(
-                        |e| ConfigError::Invalid {
-                            key: format!("backends[{i}]"),
-                            reason: format!("cannot build HTTP client: {e}"),
-                        },
-                    )?,
+                    Backend::new(
+                        cfg,
+                        secret,
+                        &config.upstream,
+                        &config.circuit_breaker,
+                        config.server.workers(),
+                    )
+                    .map_err(|e| ConfigError::Invalid {
+                        key: format!("backends[{i}]"),
+                        reason: format!("cannot build HTTP client: {e}"),
+                    })?,
                 ),
             };
             if !config.health_check.enabled {

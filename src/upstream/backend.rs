@@ -77,8 +77,9 @@ pub struct Backend {
     pub max_concurrency: usize,
     /// Per-request deadlines.
     pub timeouts: Timeouts,
-    /// Pooled client for this backend only.
-    pub client: reqwest::Client,
+    /// Pooled clients for this backend only: one per request worker, whose connections
+    /// live on that worker's thread, and a last one for everything else (the prober).
+    clients: Box<[reqwest::Client]>,
     /// Passive circuit breaker.
     pub breaker: Breaker,
     in_flight: AtomicUsize,
@@ -99,22 +100,28 @@ struct Origin {
 }
 
 impl Backend {
-    /// Builds the backend and its connection pool.
+    /// Builds the backend and its connection pools, one for each of `workers` request
+    /// workers and one more.
     pub fn new(
         cfg: &BackendConfig,
         api_key: Option<Secret>,
         upstream: &UpstreamConfig,
         breaker: &BreakerConfig,
+        workers: usize,
     ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .tcp_nodelay(true)
-            .connect_timeout(cfg.connect_timeout)
-            .pool_idle_timeout(upstream.pool_idle_timeout)
-            .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
-            .http1_only()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        let clients = (0..=workers)
+            .map(|_| {
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .tcp_nodelay(true)
+                    .connect_timeout(cfg.connect_timeout)
+                    .pool_idle_timeout(upstream.pool_idle_timeout)
+                    .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
+                    .http1_only()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+            })
+            .collect::<Result<_, _>>()?;
         let base_url = cfg.base_url.trim_end_matches('/').to_owned();
         let endpoint_urls = PROXIED_PATHS
             .iter()
@@ -143,7 +150,7 @@ impl Backend {
                 first_token: cfg.first_token_timeout,
                 stream_idle: cfg.stream_idle_timeout,
             },
-            client,
+            clients,
             breaker: Breaker::new(breaker.failure_threshold, breaker.open_duration),
             in_flight: AtomicUsize::new(0),
             health: AtomicU8::new(0),
@@ -187,6 +194,14 @@ impl Backend {
             Some((_, url)) => Ok(url.clone()),
             None => reqwest::Url::parse(&self.url(path)),
         }
+    }
+
+    /// The client whose pool belongs to this thread: the request worker's own, or the
+    /// shared last one off the workers.
+    pub fn client(&self) -> &reqwest::Client {
+        let last = self.clients.len() - 1;
+        let i = crate::runtime::workers::current().map_or(last, |w| w.min(last));
+        &self.clients[i]
     }
 
     /// The API key to send, if any.

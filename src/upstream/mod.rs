@@ -2,7 +2,8 @@
 //! (`backend.rs`, `breaker.rs`), the balancer that picks one of a model's routes
 //! (`balancer.rs`), and the health prober (`prober.rs`).
 //!
-//! May depend on `config/` and, for the prober's task, `runtime::{state, periodic}`.
+//! May depend on `config/`, on `runtime::workers` (which thread's pool to use) and, for
+//! the prober's task, `runtime::{state, periodic}`.
 
 pub(crate) mod backend;
 pub(crate) mod balancer;
