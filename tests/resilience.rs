@@ -1,11 +1,11 @@
 //! Routing under failure: failover, attempt bounds, breaker, prober, stale connections,
+//! timeouts and cancellation, against mock upstreams on real sockets.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::disallowed_methods,
     reason = "tests: panics are failures, and helpers spawn test servers"
 )]
-//! timeouts and cancellation, against mock upstreams on real sockets.
 
 mod common;
 
@@ -17,8 +17,8 @@ use common::*;
 use futures_util::StreamExt;
 use llm_gateway::mock::MockBehavior;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 
 fn requests(m: &llm_gateway::mock::MockUpstream) -> u64 {
     m.state.requests.load(Ordering::Relaxed)
@@ -334,26 +334,6 @@ async fn health_answers_while_probes_hang() {
     acceptor.abort();
 }
 
-/// Reads one HTTP/1.1 request (headers and Content-Length body) from `s`; false on EOF.
-async fn read_request(s: &mut TcpStream) -> bool {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte).await {
-            Ok(1) => buf.push(byte[0]),
-            _ => return false,
-        }
-    }
-    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.is_ok()
-}
-
 #[tokio::test]
 /// A backend that took a request on a pooled connection and closed it without answering
 /// may be working on it: the gateway does not send it to that backend again (with another
@@ -377,7 +357,7 @@ async fn a_request_the_backend_took_and_dropped_is_not_sent_to_it_again() {
             let response = response.clone();
             tasks.push(tokio::spawn(async move {
                 let mut served = 0;
-                while read_request(&mut s).await {
+                while read_http_request(&mut s).await {
                     if n == 0 && served == 1 {
                         return; // drop the connection with the request unanswered
                     }

@@ -76,6 +76,11 @@ pub struct Relay {
     idle: Pin<Box<Sleep>>,
     /// How the upstream ended, noticed while a batch was still to be sent.
     deferred: Option<StreamEnd>,
+    /// Events that arrived in the last poll, held for one pass of the scheduler in case
+    /// the upstream connection has the next ones already read (`poll_next`).
+    held: Batch,
+    /// Passes the held events have waited without anything new arriving.
+    empty_passes: u8,
     on_end: Option<OnEnd>,
 }
 
@@ -105,6 +110,8 @@ impl Relay {
             idle_timeout,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             deferred: None,
+            held: Batch::default(),
+            empty_passes: 0,
             on_end: Some(on_end),
         }
     }
@@ -138,6 +145,10 @@ impl Relay {
 
 /// Most bytes gathered into one write when upstream chunks arrive together.
 const MAX_BATCH: usize = 64 * 1024;
+/// Scheduler passes held events wait for more without anything new arriving. The
+/// upstream connection task needs two passes to decode its next buffered chunk (measured:
+/// with one, every event still went out in a write of its own).
+const HOLD_PASSES: u8 = 2;
 /// Longest single SSE event accepted; an upstream that never ends an event is cut off
 /// rather than buffered without bound.
 const MAX_EVENT: usize = 1024 * 1024;
@@ -185,8 +196,16 @@ impl Batch {
 impl Stream for Relay {
     type Item = Result<Bytes, std::io::Error>;
 
-    /// Passes on every event that is ready now, joined into one chunk, so a burst of tokens
-    /// costs one write to the client instead of one each; never waits to fill a batch.
+    /// Passes on every event that is ready, joined into one chunk, so a burst of tokens
+    /// costs one write to the client instead of one each.
+    ///
+    /// The upstream connection hands its body over one chunk at a time (its task decodes
+    /// the next only after this side took the last), so events that arrived in one read
+    /// come a few polls apart. Events are therefore held for up to `HOLD_PASSES` passes of
+    /// the scheduler (this task wakes itself at once, it does not wait on a timer): if the
+    /// connection had more already read, they join the batch; once that many passes bring
+    /// nothing new, the batch goes out. A ready token thus waits only while its successors
+    /// keep arriving (up to `MAX_BATCH`), never for the network.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if let Some(end) = this.deferred.take() {
@@ -195,11 +214,12 @@ impl Stream for Relay {
         if this.on_end.is_none() {
             return Poll::Ready(None);
         }
-        let mut batch = Batch::default();
+        let mut batch = std::mem::take(&mut this.held);
+        let mut got_data = false;
         if let Some(first) = this.first.take() {
+            got_data = true;
             batch.add(this.scanner.push(first));
         }
-        let mut got_data = false;
         let end = loop {
             if batch.len() >= MAX_BATCH {
                 break None;
@@ -221,12 +241,25 @@ impl Stream for Relay {
                         StreamEnd::Incomplete
                     });
                 }
-                Poll::Pending => break None,
+                Poll::Pending => {
+                    let passes = if got_data { 0 } else { this.empty_passes + 1 };
+                    if batch.len() > 0 && passes <= HOLD_PASSES {
+                        this.empty_passes = passes;
+                        this.held = batch;
+                        if got_data {
+                            this.idle.as_mut().reset(Instant::now() + this.idle_timeout);
+                        }
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    break None;
+                }
             }
         };
         if got_data {
             this.idle.as_mut().reset(Instant::now() + this.idle_timeout);
         }
+        this.empty_passes = 0;
         match (batch.take(), end) {
             (Some(out), end) => {
                 if let Some(end) = end {

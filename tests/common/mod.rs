@@ -129,6 +129,28 @@ pub fn with_test_storage(toml: &str, dir: &std::path::Path) -> String {
     toml
 }
 
+/// Reads one HTTP/1.1 request (headers and Content-Length body) from `s`; false on EOF.
+pub async fn read_http_request(s: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match tokio::io::AsyncReadExt::read(s, &mut byte).await {
+            Ok(1) => buf.push(byte[0]),
+            _ => return false,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::io::AsyncReadExt::read_exact(s, &mut body)
+        .await
+        .is_ok()
+}
+
 /// A mock upstream with default behaviour.
 pub async fn mock() -> MockUpstream {
     MockUpstream::start(MockBehavior::default()).await.unwrap()
