@@ -16,6 +16,7 @@ use crate::runtime::metrics::RequestSample;
 use crate::runtime::state::AppState;
 use crate::storage::database::now_ms;
 use crate::storage::database::usage_rows::{Outcome, UsageRecord};
+use crate::storage::ledger::Ledger;
 
 /// Status logged for a client that went away before the answer (nginx's convention).
 const CLIENT_CLOSED_REQUEST: u16 = 499;
@@ -95,13 +96,14 @@ impl Record {
         }
     }
 
-    /// Writes the stream's provisional ledger record as its first bytes go out: the row
-    /// that remains (outcome `interrupted`, prompt tokens estimated from `prompt_bytes`, no
-    /// completion tokens, latency so far) if the process dies before the stream ends. The
-    /// final record has the same id and replaces it.
-    pub(crate) fn begin_stream(&mut self, prompt_bytes: usize) {
+    /// The stream's provisional ledger record, to be written as its first bytes go out:
+    /// the row that remains (outcome `interrupted`, prompt tokens estimated from
+    /// `prompt_bytes`, no completion tokens, latency so far) if the process dies before the
+    /// stream ends. The final record has the same id and replaces it. `None` when the
+    /// request is not ledgered.
+    pub(crate) fn begin_stream(&mut self, prompt_bytes: usize) -> Option<Provisional> {
         if !self.ledgered {
-            return;
+            return None;
         }
         let tokens = Tokens {
             prompt: Tokens::estimate_from_bytes(prompt_bytes),
@@ -109,8 +111,11 @@ impl Record {
             estimated: true,
         };
         let record = self.usage_record(200, tokens, Outcome::Interrupted);
-        self.state.ledger.append_begin(&record);
-        self.ledger_id = Some(record.id);
+        self.ledger_id = Some(record.id.clone());
+        Some(Provisional {
+            ledger: Arc::clone(&self.state.ledger),
+            record,
+        })
     }
 
     fn usage_record(&self, status: u16, t: Tokens, outcome: Outcome) -> UsageRecord {
@@ -204,4 +209,18 @@ impl Record {
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(I64_MAX).min(I64_MAX)
+}
+
+/// A stream's provisional ledger record (`Record::begin_stream`), not written yet.
+#[derive(Debug)]
+pub(crate) struct Provisional {
+    ledger: Arc<Ledger>,
+    record: UsageRecord,
+}
+
+impl Provisional {
+    /// Spools it: call before the stream's first bytes go out.
+    pub(crate) fn write(self) {
+        self.ledger.append_begin(&self.record);
+    }
 }

@@ -102,7 +102,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
             reply,
             strip_usage,
             prompt_bytes,
-        }) => respond::answer(endpoint, reply, strip_usage, prompt_bytes, guards, record),
+        }) => respond::answer(endpoint, reply, strip_usage, prompt_bytes, guards, record).await,
         Err(error) => respond::fail(&mut record, error),
     }
 }

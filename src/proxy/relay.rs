@@ -81,6 +81,8 @@ pub struct Relay {
     held: Batch,
     /// Passes the held events have waited without anything new arriving.
     empty_passes: u8,
+    /// The first batch, gathered by `prime` before the response head went out.
+    primed: Option<Option<Result<Bytes, std::io::Error>>>,
     on_end: Option<OnEnd>,
 }
 
@@ -112,8 +114,18 @@ impl Relay {
             deferred: None,
             held: Batch::default(),
             empty_passes: 0,
+            primed: None,
             on_end: Some(on_end),
         }
+    }
+
+    /// Gathers the first batch now, so that it leaves in the same write as the response
+    /// head (hyper sends the head alone when the body is not ready at once). Returns
+    /// whether the stream has ended with it (its end callback has run).
+    pub async fn prime(&mut self) -> bool {
+        let first = std::future::poll_fn(|cx| self.poll_batch(cx)).await;
+        self.primed = Some(first);
+        self.on_end.is_none()
     }
 
     fn end(&mut self, end: StreamEnd) {
@@ -147,8 +159,10 @@ impl Relay {
 const MAX_BATCH: usize = 64 * 1024;
 /// Scheduler passes held events wait for more without anything new arriving. The
 /// upstream connection task needs two passes to decode its next buffered chunk (measured:
-/// with one, every event still went out in a write of its own).
-const HOLD_PASSES: u8 = 2;
+/// with one, every event still went out in a write of its own) and four to report the end
+/// of the body (with four, 17 events and the end of a stream that came in one read leave
+/// in one write).
+const HOLD_PASSES: u8 = 4;
 /// Longest single SSE event accepted; an upstream that never ends an event is cut off
 /// rather than buffered without bound.
 const MAX_EVENT: usize = 1024 * 1024;
@@ -208,6 +222,17 @@ impl Stream for Relay {
     /// keep arriving (up to `MAX_BATCH`), never for the network.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        match this.primed.take() {
+            Some(first) => Poll::Ready(first),
+            None => this.poll_batch(cx),
+        }
+    }
+}
+
+impl Relay {
+    /// `poll_next` but for the primed batch.
+    fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        let this = self;
         if let Some(end) = this.deferred.take() {
             return Poll::Ready(this.finish_with(end).map(Ok));
         }

@@ -19,7 +19,7 @@ use crate::storage::database::usage_rows::Outcome;
 
 /// The response for a backend's answer; `record` is settled now (whole) or when the
 /// stream ends.
-pub(crate) fn answer(
+pub(crate) async fn answer(
     endpoint: Endpoint,
     reply: Reply,
     strip_usage: bool,
@@ -59,7 +59,7 @@ pub(crate) fn answer(
             mut attempt,
             idle_timeout,
         } => {
-            record.begin_stream(prompt_bytes);
+            let provisional = record.begin_stream(prompt_bytes);
             let limits = record.limits;
             let on_end = Box::new(move |summary: StreamSummary| {
                 let _guards = guards;
@@ -90,13 +90,20 @@ pub(crate) fn answer(
                     summary.end.outcome(),
                 );
             });
-            let relay = Relay::new(
+            let mut relay = Relay::new(
                 first,
                 upstream,
                 SseScanner::new(strip_usage),
                 idle_timeout,
                 on_end,
             );
+            // A stream that is whole within its first batch gets its final record before
+            // any byte goes out; a longer one leaves its provisional record first.
+            if !relay.prime().await
+                && let Some(provisional) = provisional
+            {
+                provisional.write();
+            }
             let mut response = Response::new(Body::from_stream(relay));
             let headers = response.headers_mut();
             headers.insert(
