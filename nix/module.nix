@@ -137,10 +137,10 @@ in
     };
 
     workers = mkOption {
-      type = types.ints.unsigned;
+      type = types.ints.between 0 1024;
       default = 0;
       example = 2;
-      description = "Tokio worker threads (`server.worker_threads`); 0 means one per CPU.";
+      description = "Request worker threads (`server.worker_threads`), each serving whole connections on one thread; 0 means one per CPU.";
     };
 
     settings = mkOption {
@@ -178,10 +178,10 @@ in
                   description = "Separate listener for `/metrics`; null serves it on the API listener.";
                 };
                 worker_threads = mkOption {
-                  type = types.ints.unsigned;
+                  type = types.ints.between 0 1024;
                   default = cfg.workers;
                   defaultText = literalExpression "config.services.llm-gateway.workers";
-                  description = "Tokio worker threads.";
+                  description = "Request worker threads; 0 means one per CPU.";
                 };
               };
             };

@@ -32,6 +32,10 @@ pub enum StoreError {
     /// A stored value is not what this version expects.
     #[error("database holds an invalid value: {0}")]
     Corrupt(String),
+    /// A record to write is not one this version can store (a spooled record of another
+    /// shape, a count beyond the column's range): refused before the database sees it.
+    #[error("not a storable usage record: {0}")]
+    Unstorable(String),
 }
 
 /// What a failed write says about the data written.
@@ -53,11 +57,14 @@ const SQLITE_MISMATCH: i64 = 20;
 impl StoreError {
     /// Classifies the error: only a refusal of the data itself is `BadRecord`. PostgreSQL:
     /// SQLSTATE class 22 (data exception) and 23 (integrity constraint violation). SQLite:
-    /// CONSTRAINT, MISMATCH and TOOBIG. Everything else (class 53 insufficient resources,
+    /// CONSTRAINT, MISMATCH and TOOBIG. Ours: `Unstorable`. Everything else (class 53 insufficient resources,
     /// 57 operator intervention, 25 read-only transaction, 42 insufficient privilege, 55 lock
     /// not available, SQLite BUSY/LOCKED/FULL/IOERR/READONLY, connection errors, pool
     /// timeouts) is `Transient`: when in doubt, a record is kept, never thrown away.
     pub fn kind(&self) -> FailureKind {
+        if let Self::Unstorable(_) = self {
+            return FailureKind::BadRecord;
+        }
         let Self::Query(sqlx::Error::Database(db)) = self else {
             return FailureKind::Transient;
         };

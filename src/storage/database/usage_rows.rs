@@ -109,6 +109,69 @@ pub struct UsageLine {
     pub estimated: i64,
 }
 
+/// Rows per multi-row `INSERT` on SQLite, largest first: a batch is sent as chunks of
+/// these sizes, so there are three statement texts (each prepared once per connection),
+/// whatever the batch size.
+const SQLITE_CHUNKS: [usize; 3] = [64, 8, 1];
+
+/// SQLite: the records are decoded here and bound as columns of multi-row `INSERT`s in one
+/// transaction. (SQLite's JSON functions unpacking a JSON array cost about 40 % of the
+/// gateway's instructions per request in callgrind, docs/benchmarks.md.) Rows are applied
+/// in order, so a final record after its provisional one in the same batch updates it. A
+/// record that does not decode as a usage record is refused (`Unstorable`, set aside).
+async fn insert_sqlite(
+    pool: &sqlx::SqlitePool,
+    records: &str,
+    columns: &str,
+    upsert: &str,
+) -> Result<Vec<String>, StoreError> {
+    let rows: Vec<UsageRecord> =
+        serde_json::from_str(records).map_err(|e| StoreError::Unstorable(e.to_string()))?;
+    let width = columns.split(", ").count();
+    let mut outcomes = Vec::with_capacity(rows.len());
+    let mut tx = pool.begin().await?;
+    let mut rest = rows.as_slice();
+    while !rest.is_empty() {
+        let n = SQLITE_CHUNKS
+            .into_iter()
+            .find(|&n| n <= rest.len())
+            .unwrap_or(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let row = format!("({})", vec!["?"; width].join(", "));
+        let sql = format!(
+            "INSERT INTO usage_records ({columns}) VALUES {} {upsert}",
+            vec![row; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query_scalar::<_, String>(&sql);
+        for r in chunk {
+            let int = |v: u64, what: &str| {
+                i64::try_from(v).map_err(|_| StoreError::Unstorable(format!("{what} {v}")))
+            };
+            query = query
+                .bind(r.id.as_str())
+                .bind(r.request_id.as_str())
+                .bind(r.ts_ms)
+                .bind(r.key_id.as_deref())
+                .bind(r.model.as_deref())
+                .bind(r.backend.as_deref())
+                .bind(r.endpoint.as_str())
+                .bind(i64::from(r.status))
+                .bind(int(r.prompt_tokens, "prompt_tokens")?)
+                .bind(int(r.completion_tokens, "completion_tokens")?)
+                .bind(r.estimated)
+                .bind(int(r.latency_us, "latency_us")?)
+                .bind(r.ttft_us.map(|t| int(t, "ttft_us")).transpose()?)
+                .bind(r.client_disconnected)
+                .bind(r.instance_id.as_str())
+                .bind(r.outcome.as_str());
+        }
+        outcomes.extend(query.fetch_all(&mut *tx).await?);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
 /// Rows deleted per retention statement: small enough to keep locks and WAL short.
 const RETENTION_BATCH: i64 = 5_000;
 
@@ -164,34 +227,7 @@ impl Store {
                     .fetch_all(pool)
                     .await?
             }
-            Self::Sqlite(pool) => {
-                // Rows are applied in array order, so a final record after its provisional
-                // one in the same batch updates it. json_each renders its `value` as JSON
-                // text each time it is read, and each json_extract would parse that text
-                // again: 16 renders and parses per row (10.6 % of the gateway's CPU samples
-                // at 32 connections, docs/benchmarks.md). The materialized CTE turns each record into
-                // SQLite's binary JSON once; the fields are then looked up in that.
-                let fields: Vec<String> = COLUMNS
-                    .split(", ")
-                    .map(|c| match c {
-                        "outcome" => {
-                            "COALESCE(json_extract(j, '$.outcome'), 'complete')".to_owned()
-                        }
-                        c => format!("json_extract(j, '$.{c}')"),
-                    })
-                    .collect();
-                // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the SELECT.
-                let sql = format!(
-                    "WITH r(j) AS MATERIALIZED (SELECT jsonb(value) FROM json_each(?1)) \
-                     INSERT INTO usage_records ({COLUMNS}) SELECT {} FROM r \
-                     WHERE true {upsert}",
-                    fields.join(", ")
-                );
-                sqlx::query_scalar(&sql)
-                    .bind(records)
-                    .fetch_all(pool)
-                    .await?
-            }
+            Self::Sqlite(pool) => insert_sqlite(pool, records, COLUMNS, &upsert).await?,
         };
         Ok(outcomes.iter().filter(|o| *o != "interrupted").count() as u64)
     }
