@@ -260,6 +260,16 @@ async fn spawn_gateway_with(
     }
 }
 
+/// A non-streamed chat completion through the gateway process, without a key.
+async fn plain_chat(gw: &Proc) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Starts a streamed chat completion through the gateway process.
 async fn start_stream(
     gw: &Proc,
@@ -300,12 +310,7 @@ async fn serve_reads_credentials_and_env_overrides() {
     )
     .await;
     assert_ne!(gw.port, 1, "LLM_GATEWAY__SERVER__LISTEN not applied");
-    let r = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let r = plain_chat(&gw).await;
     assert_eq!(r.status(), 200);
     let auth = up.state.last_request().unwrap().authorization;
     assert_eq!(auth.as_deref(), Some("Bearer sk-from-credential"));
@@ -589,12 +594,7 @@ async fn a_key_created_by_the_command_is_accepted_by_the_running_service() {
         state.path().to_str().unwrap()
     );
     let gw = spawn_gateway(&config, &[]).await;
-    let r = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let r = plain_chat(&gw).await;
     assert_eq!(r.status(), 401);
     let path = temp_file("gw.toml", &config);
     let o = run(
@@ -727,12 +727,7 @@ async fn worker_threads_sets_the_number_of_request_workers() {
         model("m", &["b"])
     );
     let gw = spawn_gateway(&config, &[]).await;
-    let r = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .json(&chat_body(false))
-        .send()
-        .await
-        .unwrap();
+    let r = plain_chat(&gw).await;
     assert_eq!(r.status(), 200);
     let tasks = format!("/proc/{}/task", gw.child.id());
     let mut workers: Vec<String> = std::fs::read_dir(&tasks)
