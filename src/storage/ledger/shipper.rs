@@ -331,12 +331,14 @@ fn json_array<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> (String, u
     }
     // None: not JSON at all. A JSON record of another shape still goes to the database,
     // which refuses it (and it is set aside).
+    // One parse per record: a syntax error means not JSON; JSON that is not such an object
+    // (a data error) goes on without a key.
     let keys: Vec<Option<Key<'a>>> = records
         .clone()
-        .map(|raw| {
-            serde_json::from_slice::<&RawValue>(raw)
-                .ok()
-                .map(|_| serde_json::from_slice::<Key<'a>>(raw).unwrap_or_default())
+        .map(|raw| match serde_json::from_slice::<Key<'a>>(raw) {
+            Ok(key) => Some(key),
+            Err(e) if e.is_data() => Some(Key::default()),
+            Err(_) => None,
         })
         .collect();
     let provisional = |k: &Key<'_>| k.outcome.map(RawValue::get) == Some("\"interrupted\"");
@@ -386,6 +388,20 @@ mod tests {
             array,
             r#"[{"id":"b","outcome":"interrupted"},{"id":"a","outcome":"complete"}]"#
         );
+    }
+
+    #[test]
+    fn json_of_another_shape_goes_on_and_only_what_is_not_json_is_skipped() {
+        let records: [&[u8]; 5] = [
+            b"[1,2]",
+            br#"{"id":"a"} trailing"#,
+            br#"{"id":"a","ts_ms":"#,
+            br#"{"id":7,"outcome":null}"#,
+            br#""text""#,
+        ];
+        let (array, unreadable) = json_array(records.iter().copied());
+        assert_eq!(unreadable, 2);
+        assert_eq!(array, r#"[[1,2],{"id":7,"outcome":null},"text"]"#);
     }
 }
 
