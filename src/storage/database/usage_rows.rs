@@ -109,28 +109,50 @@ pub struct UsageLine {
     pub estimated: i64,
 }
 
+/// The columns of `usage_records` a record fills, in `UsageRecord`'s order.
+const COLUMNS: &str = "id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
+     prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
+     client_disconnected, instance_id, outcome";
+
+/// Leaves a present row alone unless a final record replaces a provisional one; returns
+/// the outcome of each row written.
+fn upsert_clause() -> String {
+    let updates = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "ON CONFLICT (id) DO UPDATE SET {updates} \
+         WHERE usage_records.outcome = 'interrupted' AND excluded.outcome <> 'interrupted' \
+         RETURNING outcome"
+    )
+}
+
+/// Final records among the rows written (provisional ones are not counted).
+fn count_new(outcomes: &[String]) -> u64 {
+    outcomes.iter().filter(|o| *o != "interrupted").count() as u64
+}
+
 /// Rows per multi-row `INSERT` on SQLite, largest first: a batch is sent as chunks of
 /// these sizes, so there are three statement texts (each prepared once per connection),
 /// whatever the batch size.
 const SQLITE_CHUNKS: [usize; 3] = [64, 8, 1];
 
-/// SQLite: the records are decoded here and bound as columns of multi-row `INSERT`s in one
-/// transaction. (SQLite's JSON functions unpacking a JSON array cost about 40 % of the
-/// gateway's instructions per request in callgrind, docs/benchmarks.md.) Rows are applied
-/// in order, so a final record after its provisional one in the same batch updates it. A
-/// record that does not decode as a usage record is refused (`Unstorable`, set aside).
+/// SQLite: the records are bound as columns of multi-row `INSERT`s in one transaction.
+/// (SQLite's JSON functions unpacking a JSON array cost about 40 % of the gateway's
+/// instructions per request in callgrind, docs/benchmarks.md.) Rows are applied in order,
+/// so a final record after its provisional one in the same batch updates it.
 async fn insert_sqlite(
     pool: &sqlx::SqlitePool,
-    records: &str,
-    columns: &str,
-    upsert: &str,
+    rows: &[UsageRecord],
 ) -> Result<Vec<String>, StoreError> {
-    let rows: Vec<UsageRecord> =
-        serde_json::from_str(records).map_err(|e| StoreError::Unstorable(e.to_string()))?;
+    let (columns, upsert) = (COLUMNS, upsert_clause());
     let width = columns.split(", ").count();
     let mut outcomes = Vec::with_capacity(rows.len());
     let mut tx = pool.begin().await?;
-    let mut rest = rows.as_slice();
+    let mut rest = rows;
     while !rest.is_empty() {
         let n = SQLITE_CHUNKS
             .into_iter()
@@ -176,12 +198,18 @@ async fn insert_sqlite(
 const RETENTION_BATCH: i64 = 5_000;
 
 impl Store {
-    /// Inserts `records` in one statement; rows already present (same `id`) are skipped.
-    /// Returns how many rows were new.
+    /// Inserts `records`; rows already present (same `id`) are skipped, except that a final
+    /// record replaces a stream's provisional one. Returns how many final records were new.
+    /// SQLite binds them as columns; PostgreSQL gets them as one JSON array.
     pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<u64, StoreError> {
-        let json = serde_json::to_string(records)
-            .map_err(|e| StoreError::Corrupt(format!("usage record: {e}")))?;
-        self.insert_usage_json(&json).await
+        match self {
+            Self::Sqlite(pool) => Ok(count_new(&insert_sqlite(pool, records).await?)),
+            Self::Postgres(_) => {
+                let json = serde_json::to_string(records)
+                    .map_err(|e| StoreError::Corrupt(format!("usage record: {e}")))?;
+                self.insert_usage_json(&json).await
+            }
+        }
     }
 
     /// Inserts a JSON array of usage records (as `UsageRecord` serialises) in one statement
@@ -190,22 +218,9 @@ impl Store {
     /// shipped without being decoded. A row already present (same `id`) is left alone,
     /// except that a final record replaces a stream's provisional one (`interrupted`), so
     /// re-shipping changes nothing. Returns how many final records were new (provisional
-    /// rows are not counted).
+    /// rows are not counted). On SQLite the array is decoded here (`insert_usage`).
     pub async fn insert_usage_json(&self, records: &str) -> Result<u64, StoreError> {
-        const COLUMNS: &str = "id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
-             prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
-             client_disconnected, instance_id, outcome";
-        let updates = COLUMNS
-            .split(", ")
-            .skip(1)
-            .map(|c| format!("{c} = excluded.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let upsert = format!(
-            "ON CONFLICT (id) DO UPDATE SET {updates} \
-             WHERE usage_records.outcome = 'interrupted' AND excluded.outcome <> 'interrupted' \
-             RETURNING outcome"
-        );
+        let upsert = upsert_clause();
         let outcomes: Vec<String> = match self {
             Self::Postgres(pool) => {
                 // One row per id in a statement (PostgreSQL refuses to update a row twice):
@@ -227,9 +242,13 @@ impl Store {
                     .fetch_all(pool)
                     .await?
             }
-            Self::Sqlite(pool) => insert_sqlite(pool, records, COLUMNS, &upsert).await?,
+            Self::Sqlite(pool) => {
+                let rows: Vec<UsageRecord> = serde_json::from_str(records)
+                    .map_err(|e| StoreError::Unstorable(e.to_string()))?;
+                insert_sqlite(pool, &rows).await?
+            }
         };
-        Ok(outcomes.iter().filter(|o| *o != "interrupted").count() as u64)
+        Ok(count_new(&outcomes))
     }
 
     /// Totals since `since_ms`, grouped by key or model, largest token use first.

@@ -15,6 +15,7 @@ use super::spool::Batch;
 use super::{Ledger, gauge, lock};
 use crate::runtime::periodic::{Cut, Periodic};
 use crate::storage::database::error::FailureKind;
+use crate::storage::database::usage_rows::{Outcome, UsageRecord};
 use crate::storage::database::{Store, StoreError, now_ms};
 
 /// Longest pause between shipping attempts while the database fails.
@@ -73,8 +74,8 @@ impl Ledger {
             {
                 self.metrics.lag_ms.set((now_ms() - oldest.ts_ms).max(0));
             }
-            let (array, unreadable) = json_array(batch.records.iter().map(Vec::as_slice));
-            match bounded(timeout, store.insert_usage_json(&array)).await {
+            let (written, unreadable) = insert_batch(store, &batch.records, timeout).await;
+            match written {
                 Ok(new) => {
                     self.metrics.written.inc_by(new);
                 }
@@ -313,6 +314,59 @@ async fn bounded(
     tokio::time::timeout(timeout, insert)
         .await
         .unwrap_or(Err(StoreError::TimedOut))
+}
+
+/// Inserts spooled records: on SQLite decoded once and bound as columns, on PostgreSQL
+/// joined into one JSON array. Returns the result and how many records were unreadable.
+async fn insert_batch(
+    store: &Store,
+    records: &[Vec<u8>],
+    timeout: Duration,
+) -> (Result<u64, StoreError>, u64) {
+    let raw = records.iter().map(Vec::as_slice);
+    if store.engine() == "sqlite" {
+        match decode_batch(raw) {
+            Ok((rows, unreadable)) => (
+                bounded(timeout, store.insert_usage(&rows)).await,
+                unreadable,
+            ),
+            Err(e) => (Err(e), 0),
+        }
+    } else {
+        let (array, unreadable) = json_array(raw);
+        (
+            bounded(timeout, store.insert_usage_json(&array)).await,
+            unreadable,
+        )
+    }
+}
+
+/// Decodes records for the database, skipping any that is not JSON (counted as
+/// unreadable) and a stream's provisional record when its final record is in the same
+/// batch. JSON that is not a usage record refuses the batch (`Unstorable`): the shipper
+/// then ships record by record and sets that one aside.
+fn decode_batch<'a>(
+    records: impl Iterator<Item = &'a [u8]>,
+) -> Result<(Vec<UsageRecord>, u64), StoreError> {
+    let mut rows = Vec::new();
+    let mut unreadable = 0;
+    for raw in records {
+        match serde_json::from_slice::<UsageRecord>(raw) {
+            Ok(row) => rows.push(row),
+            Err(e) if e.is_data() => return Err(StoreError::Unstorable(e.to_string())),
+            Err(_) => {
+                tracing::error!("undecodable usage record skipped");
+                unreadable += 1;
+            }
+        }
+    }
+    let finals: std::collections::HashSet<String> = rows
+        .iter()
+        .filter(|r| r.outcome != Outcome::Interrupted)
+        .map(|r| r.id.clone())
+        .collect();
+    rows.retain(|r| r.outcome != Outcome::Interrupted || !finals.contains(&r.id));
+    Ok((rows, unreadable))
 }
 
 /// Joins records into one JSON array for the database, skipping any that is not JSON
