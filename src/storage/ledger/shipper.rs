@@ -426,7 +426,54 @@ fn json_array<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> (String, u
 
 #[cfg(test)]
 mod tests {
-    use super::json_array;
+    use super::{decode_batch, json_array};
+    use crate::storage::database::StoreError;
+    use crate::storage::database::usage_rows::{Outcome, UsageRecord};
+
+    fn record(id: &str, outcome: Outcome) -> Vec<u8> {
+        let r = UsageRecord {
+            id: id.into(),
+            request_id: "r".into(),
+            ts_ms: 1,
+            key_id: None,
+            model: None,
+            backend: None,
+            endpoint: "chat_completions".into(),
+            status: 200,
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            estimated: false,
+            latency_us: 1,
+            ttft_us: None,
+            client_disconnected: false,
+            instance_id: "i".into(),
+            outcome,
+        };
+        serde_json::to_vec(&r).unwrap()
+    }
+
+    #[test]
+    fn a_decoded_batch_keeps_the_rules_of_the_json_one() {
+        let batch = [
+            record("a", Outcome::Interrupted),
+            record("b", Outcome::Interrupted),
+            b"not json".to_vec(),
+            record("a", Outcome::Complete),
+        ];
+        let (rows, unreadable) = decode_batch(batch.iter().map(Vec::as_slice)).unwrap();
+        assert_eq!(unreadable, 1);
+        let kept: Vec<(&str, Outcome)> = rows.iter().map(|r| (r.id.as_str(), r.outcome)).collect();
+        assert_eq!(
+            kept,
+            [("b", Outcome::Interrupted), ("a", Outcome::Complete)]
+        );
+        // JSON of another shape refuses the batch, to be shipped record by record.
+        let other = [record("c", Outcome::Complete), br#"{"id":"d"}"#.to_vec()];
+        assert!(matches!(
+            decode_batch(other.iter().map(Vec::as_slice)),
+            Err(StoreError::Unstorable(_))
+        ));
+    }
 
     #[test]
     fn a_provisional_record_is_left_out_when_its_final_one_is_in_the_batch() {
