@@ -76,8 +76,8 @@ pub struct Relay {
     idle: Pin<Box<Sleep>>,
     /// How the upstream ended, noticed while a batch was still to be sent.
     deferred: Option<StreamEnd>,
-    /// Events that arrived in the last poll, held for one pass of the scheduler in case
-    /// the upstream connection has the next ones already read (`poll_next`).
+    /// Events held for up to `HOLD_PASSES` passes of the scheduler in case the upstream
+    /// connection has the next ones already read (`poll_next`).
     held: Batch,
     /// Passes the held events have waited without anything new arriving.
     empty_passes: u8,
@@ -230,7 +230,7 @@ impl Stream for Relay {
 }
 
 impl Relay {
-    /// `poll_next` but for the primed batch.
+    /// The batching behind `poll_next` (which hands out a primed batch first).
     fn poll_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, std::io::Error>>> {
         let this = self;
         if let Some(end) = this.deferred.take() {
