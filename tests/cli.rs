@@ -743,3 +743,79 @@ async fn worker_threads_sets_the_number_of_request_workers() {
         "threads of the gateway"
     );
 }
+
+/// A TLS front for `upstream` on 127.0.0.1 with a certificate for that address, issued by a
+/// fresh CA. Returns the port and the CA certificate (PEM).
+async fn tls_front(upstream: std::net::SocketAddr) -> (u16, String, tokio::task::JoinHandle<()>) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            conns.spawn(async move {
+                // A handshake the client aborts (untrusted certificate) just ends here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, ca.pem(), task)
+}
+
+#[tokio::test]
+async fn an_https_backend_is_reached_over_tls_verified_against_the_trust_store() {
+    let up = mock().await;
+    let (port, ca_pem, front) = tls_front(up.addr).await;
+    let config = gateway_config(&format!("https://127.0.0.1:{port}/v1"), "");
+    let ca = temp_file("ca.pem", &ca_pem);
+
+    // SSL_CERT_FILE adds the CA to the platform's trust store (as for reqwest).
+    let gw = spawn_gateway(&config, &[("SSL_CERT_FILE", ca.to_str().unwrap())]).await;
+    let r = plain_chat(&gw).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(up.state.requests.load(Ordering::Relaxed), 1);
+    let mut body = std::pin::pin!(start_stream(&gw).await);
+    let mut text = String::new();
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "stream over TLS: {text}"
+    );
+    drop(gw);
+
+    // Without it the certificate is not trusted: no request reaches the backend.
+    let gw = spawn_gateway(&config, &[]).await;
+    let r = plain_chat(&gw).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(up.state.requests.load(Ordering::Relaxed), 2);
+    front.abort();
+}

@@ -7,10 +7,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, Request, StatusCode, header};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
+use http_body::Body as _;
+use http_body_util::{BodyDataStream, BodyExt, Full};
 
 use super::Endpoint;
 use super::account::Record;
@@ -21,6 +22,7 @@ use crate::api::upstream_error::sanitize_upstream_error;
 use crate::runtime::state::{AppState, Configured, Model};
 use crate::upstream::Attempt;
 use crate::upstream::balancer::{self, PickError};
+use crate::upstream::client::{BodyStream, Response};
 
 /// Largest upstream error body read (to show its message).
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -37,7 +39,7 @@ pub(crate) enum Reply {
     /// A stream whose first bytes arrived; the attempt stays open until it ends.
     Stream {
         first: Bytes,
-        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        upstream: BodyStream,
         attempt: Attempt,
         idle_timeout: Duration,
     },
@@ -157,23 +159,29 @@ impl Call<'_> {
             } else {
                 backend.timeouts.request
             };
-        let url = backend
-            .endpoint_url(self.endpoint.path())
-            .map_err(|_| Failure::last(ApiError::UpstreamInvalid, "bad_url"))?;
+        let uri = backend
+            .endpoint_uri(self.endpoint.path())
+            .ok_or_else(|| Failure::last(ApiError::UpstreamInvalid, "bad_url"))?;
         let response = {
-            let mut request = backend
-                .client()
-                .post(url)
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(REQUEST_ID_HEADER, self.request_id.clone())
-                .body(body);
+            let mut request = Request::new(Full::new(body));
+            *request.method_mut() = Method::POST;
+            *request.uri_mut() = uri.clone();
+            let headers = request.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(REQUEST_ID_HEADER, self.request_id.clone());
             if self.stream {
-                request = request.header(header::ACCEPT, "text/event-stream");
+                headers.insert(
+                    header::ACCEPT,
+                    HeaderValue::from_static("text/event-stream"),
+                );
             }
-            if let Some(key) = backend.api_key() {
-                request = request.bearer_auth(key.expose());
+            if let Some(authorization) = backend.authorization() {
+                headers.insert(header::AUTHORIZATION, authorization.clone());
             }
-            match tokio::time::timeout_at(deadline, request.send()).await {
+            match tokio::time::timeout_at(deadline, backend.client().request(request)).await {
                 Ok(Ok(response)) => response,
                 Err(_) => {
                     attempt.failure();
@@ -230,7 +238,7 @@ impl Call<'_> {
             .unwrap_or(HeaderValue::from_static("application/json"));
         let is_sse = content_type.as_bytes().starts_with(b"text/event-stream");
         if self.stream && is_sse {
-            let mut upstream = response.bytes_stream().boxed();
+            let mut upstream = BodyDataStream::new(response.into_body());
             return match tokio::time::timeout_at(deadline, upstream.next()).await {
                 Err(_) => {
                     attempt.failure();
@@ -298,28 +306,32 @@ enum ReadError {
 
 /// Reads an upstream body up to `limit` bytes before `deadline`.
 async fn read_capped(
-    mut response: reqwest::Response,
+    response: Response,
     limit: usize,
     deadline: tokio::time::Instant,
 ) -> Result<Bytes, ReadError> {
-    if response.content_length().is_some_and(|n| n > limit as u64) {
+    let mut body = response.into_body();
+    let length = body.size_hint().exact();
+    if length.is_some_and(|n| n > limit as u64) {
         return Err(ReadError::TooLarge);
     }
     let mut buf = BytesMut::new();
     loop {
-        match tokio::time::timeout_at(deadline, response.chunk()).await {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(ReadError::Timeout),
-            Ok(Err(_)) => return Err(ReadError::Broken),
-            Ok(Ok(None)) => return Ok(buf.freeze()),
-            Ok(Ok(Some(chunk))) => {
-                if buf.is_empty() && response.content_length() == Some(chunk.len() as u64) {
-                    return Ok(chunk);
-                }
-                if buf.len() + chunk.len() > limit {
-                    return Err(ReadError::TooLarge);
-                }
-                buf.extend_from_slice(&chunk);
-            }
+            Ok(Some(Err(_))) => return Err(ReadError::Broken),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(chunk) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.is_empty() && length == Some(chunk.len() as u64) {
+            return Ok(chunk);
         }
+        if buf.len() + chunk.len() > limit {
+            return Err(ReadError::TooLarge);
+        }
+        buf.extend_from_slice(&chunk);
     }
 }

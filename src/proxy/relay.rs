@@ -5,8 +5,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::upstream::client::BodyStream;
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use tokio::time::{Instant, Sleep};
 
@@ -70,7 +70,7 @@ type OnEnd = Box<dyn FnOnce(StreamSummary) + Send>;
 /// A response body stream over an upstream SSE body.
 pub struct Relay {
     first: Option<Bytes>,
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    upstream: BodyStream,
     scanner: SseScanner,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
@@ -100,7 +100,7 @@ impl Relay {
     /// or is dropped.
     pub fn new(
         first: Bytes,
-        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        upstream: BodyStream,
         scanner: SseScanner,
         idle_timeout: Duration,
         on_end: OnEnd,

@@ -1,15 +1,29 @@
-//! One backend: its HTTP client and pool, in-flight count, breaker and probed health.
+//! One backend: its HTTP clients and pools, in-flight count, breaker and probed health.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::http::{HeaderValue, Uri};
+
 use crate::config::secret::Secret;
 use crate::config::{BackendConfig, BreakerConfig, UpstreamConfig};
 
 use super::breaker::{Admission, Breaker, BreakerState};
+use super::client::{self, HttpClient, Tls};
 
-/// Paths (relative to `base_url`) whose URLs are parsed once at start.
+/// Why a backend's clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The prober's client.
+    #[error("{0}")]
+    Probe(#[from] reqwest::Error),
+    /// The platform's TLS trust store.
+    #[error("TLS set-up: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Paths (relative to `base_url`) whose URIs are built once at start.
 pub const PROXIED_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
 
 /// Health as last seen by the background prober.
@@ -69,17 +83,21 @@ pub struct Backend {
     /// Configured name (metric label, log field).
     pub name: Arc<str>,
     base_url: String,
-    endpoint_urls: Vec<(&'static str, reqwest::Url)>,
+    endpoint_uris: Vec<(&'static str, Uri)>,
     api_key: Option<Secret>,
+    /// `Bearer <api_key>`, marked sensitive.
+    authorization: Option<HeaderValue>,
     /// Relative share of traffic.
     pub weight: u32,
     /// Most requests in flight at once.
     pub max_concurrency: usize,
     /// Per-request deadlines.
     pub timeouts: Timeouts,
-    /// Pooled clients for this backend only: one per request worker, whose connections
-    /// live on that worker's thread, and a last one for everything else (the prober).
-    clients: Box<[reqwest::Client]>,
+    /// The proxy path's pooled clients for this backend only: one per request worker,
+    /// whose connections live on that worker's thread, and a last one for any other thread.
+    clients: Box<[HttpClient]>,
+    /// The prober's client (off the request path).
+    probe_client: reqwest::Client,
     /// Passive circuit breaker.
     pub breaker: Breaker,
     in_flight: AtomicUsize,
@@ -101,36 +119,46 @@ struct Origin {
 
 impl Backend {
     /// Builds the backend and its connection pools, one for each of `workers` request
-    /// workers and one more.
+    /// workers and one more, and the prober's client.
     pub fn new(
         cfg: &BackendConfig,
         api_key: Option<Secret>,
         upstream: &UpstreamConfig,
         breaker: &BreakerConfig,
         workers: usize,
-    ) -> Result<Self, reqwest::Error> {
+    ) -> Result<Self, BuildError> {
+        let settings = client::Settings {
+            connect_timeout: cfg.connect_timeout,
+            pool_idle_timeout: upstream.pool_idle_timeout,
+            pool_max_idle_per_host: upstream.pool_max_idle_per_host,
+        };
+        let tls = Tls::platform()?;
         let clients = (0..=workers)
-            .map(|_| {
-                reqwest::Client::builder()
-                    .no_proxy()
-                    .tcp_nodelay(true)
-                    .connect_timeout(cfg.connect_timeout)
-                    .pool_idle_timeout(upstream.pool_idle_timeout)
-                    .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
-                    .http1_only()
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-            })
-            .collect::<Result<_, _>>()?;
+            .map(|_| client::build(settings, &tls))
+            .collect();
+        let probe_client = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(upstream.pool_idle_timeout)
+            .pool_max_idle_per_host(upstream.pool_max_idle_per_host)
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
         let base_url = cfg.base_url.trim_end_matches('/').to_owned();
-        let endpoint_urls = PROXIED_PATHS
+        // Through `url` first: it puts hosts in ASCII (IDNA), which `Uri` requires.
+        let endpoint_uris = PROXIED_PATHS
             .iter()
             .filter_map(|p| {
-                reqwest::Url::parse(&format!("{base_url}{p}"))
-                    .ok()
-                    .map(|u| (*p, u))
+                let url = url::Url::parse(&format!("{base_url}{p}")).ok()?;
+                Some((*p, Uri::try_from(url.as_str()).ok()?))
             })
             .collect();
+        let authorization = api_key.as_ref().and_then(|k| {
+            let mut v = HeaderValue::try_from(format!("Bearer {}", k.expose())).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
         let origin = Origin {
             cfg: cfg.clone(),
             api_key: api_key.clone(),
@@ -141,8 +169,9 @@ impl Backend {
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
             base_url,
-            endpoint_urls,
+            endpoint_uris,
             api_key,
+            authorization,
             weight: cfg.weight,
             max_concurrency: cfg.max_concurrency,
             timeouts: Timeouts {
@@ -151,6 +180,7 @@ impl Backend {
                 stream_idle: cfg.stream_idle_timeout,
             },
             clients,
+            probe_client,
             breaker: Breaker::new(breaker.failure_threshold, breaker.open_duration),
             in_flight: AtomicUsize::new(0),
             health: AtomicU8::new(0),
@@ -188,25 +218,36 @@ impl Backend {
         url
     }
 
-    /// The parsed URL of a proxied endpoint (built once, not per request).
-    pub fn endpoint_url(&self, path: &str) -> Result<reqwest::Url, url::ParseError> {
-        match self.endpoint_urls.iter().find(|(p, _)| *p == path) {
-            Some((_, url)) => Ok(url.clone()),
-            None => reqwest::Url::parse(&self.url(path)),
-        }
+    /// The URI of a proxied endpoint (built once, not per request); `None` if the base
+    /// URL does not make one.
+    pub fn endpoint_uri(&self, path: &str) -> Option<&Uri> {
+        self.endpoint_uris
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, uri)| uri)
     }
 
-    /// The client whose pool belongs to this thread: the request worker's own, or the
-    /// shared last one off the workers.
-    pub fn client(&self) -> &reqwest::Client {
+    /// The proxy path's client whose pool belongs to this thread: the request worker's
+    /// own, or the shared last one off the workers.
+    pub fn client(&self) -> &HttpClient {
         let last = self.clients.len() - 1;
         let i = crate::runtime::workers::current().map_or(last, |w| w.min(last));
         &self.clients[i]
     }
 
+    /// The prober's client.
+    pub fn probe_client(&self) -> &reqwest::Client {
+        &self.probe_client
+    }
+
     /// The API key to send, if any.
     pub fn api_key(&self) -> Option<&Secret> {
         self.api_key.as_ref()
+    }
+
+    /// The `Authorization` header to send, if the backend has a key.
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
     }
 
     /// Requests currently in flight.

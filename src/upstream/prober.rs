@@ -55,7 +55,7 @@ const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn probe(backend: &Backend, cfg: &HealthCheckConfig) -> Result<(), String> {
     let mut request = backend
-        .client()
+        .probe_client()
         .get(backend.url(&cfg.path))
         .timeout(cfg.timeout);
     if let Some(key) = backend.api_key() {
