@@ -1,6 +1,9 @@
 //! Server-sent events pass-through: forwards complete events as they arrive, reads usage
 //! from them, and drops the usage-only chunk the gateway asked for on the client's behalf.
 
+use std::borrow::Cow;
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde::Deserialize;
@@ -146,20 +149,29 @@ fn event_len(data: &[u8]) -> Option<usize> {
 }
 
 /// The event's data: the `data:` lines joined by `\n` (borrowed when there is one line).
-fn data_field(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
-    let mut found: Option<std::borrow::Cow<'_, [u8]>> = None;
+fn data_field(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    // What OpenAI-compatible servers send: one `data:` line, then the blank line. Found
+    // with one `memchr2` instead of a split that looks at every byte.
+    if let Some(rest) = event.strip_prefix(b"data:") {
+        let eol = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+        if rest[eol..].iter().all(|&b| b == b'\n' || b == b'\r') {
+            let value = &rest[..eol];
+            return Some(Cow::Borrowed(value.strip_prefix(b" ").unwrap_or(value)));
+        }
+    }
+    let mut found: Option<Cow<'_, [u8]>> = None;
     for line in event.split(|&b| b == b'\n' || b == b'\r') {
         let Some(value) = line.strip_prefix(b"data:") else {
             continue;
         };
         let value = value.strip_prefix(b" ").unwrap_or(value);
         found = Some(match found {
-            None => std::borrow::Cow::Borrowed(value),
+            None => Cow::Borrowed(value),
             Some(prev) => {
                 let mut joined = prev.into_owned();
                 joined.push(b'\n');
                 joined.extend_from_slice(value);
-                std::borrow::Cow::Owned(joined)
+                Cow::Owned(joined)
             }
         });
     }
@@ -168,7 +180,10 @@ fn data_field(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
 
 /// True when `data` contains `"usage":` followed by an object (not `null`).
 fn has_usage_object(data: &[u8]) -> bool {
-    memmem::find_iter(data, b"\"usage\"").any(|at| {
+    // Built once: building a searcher costs more than searching one event.
+    static USAGE: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+    USAGE.find_iter(data).any(|at| {
         let rest = &data[at + 7..];
         let rest = rest.trim_ascii_start();
         rest.strip_prefix(b":")
@@ -232,6 +247,22 @@ mod tests {
         assert_eq!(out, "data: {\"choices\":[{}]}\r\rdata: [DONE]\r\r");
         assert_eq!(s.content_events, 1);
         assert!(s.done);
+    }
+
+    #[test]
+    fn data_of_several_lines_is_joined_and_other_fields_are_ignored() {
+        let one = b"data: [DONE]\n\n";
+        assert_eq!(data_field(one).as_deref(), Some(&b"[DONE]"[..]));
+        let two = b"event: x\r\ndata: {\"a\":\r\ndata:1}\r\n\r\n";
+        assert_eq!(data_field(two).as_deref(), Some(&b"{\"a\":\n1}"[..]));
+        let lead = b"data:x\nid: 7\n\n";
+        assert_eq!(data_field(lead).as_deref(), Some(&b"x"[..]));
+        assert_eq!(data_field(b": comment\n\n"), None);
+        // A usage chunk sent over two data lines is still read.
+        let mut s = SseScanner::new(true);
+        let split = "data: {\"choices\":[],\ndata: \"usage\":{\"completion_tokens\":4}}\n\n";
+        assert_eq!(s.push(Bytes::from(split)), Bytes::new());
+        assert_eq!(s.usage.unwrap().completion_tokens, Some(4));
     }
 
     #[test]
