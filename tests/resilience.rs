@@ -462,6 +462,29 @@ async fn idle_stream_is_closed_with_an_error_event() {
 }
 
 #[tokio::test]
+async fn a_stream_that_keeps_sending_outlives_its_idle_timeout() {
+    // Events 100 ms apart for about 1.2 s: each one restarts the 300 ms idle timer.
+    let up = mock_with(MockBehavior {
+        chunks: 12,
+        chunk_interval: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("b", &up.base_url(), "stream_idle_timeout = \"300ms\""),
+        model("m", &["b"])
+    );
+    let gw = Gateway::start(&toml).await;
+    let r = chat(&gw, true).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("stream_idle_timeout"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(text.matches("chat.completion.chunk").count(), 12, "{text}");
+}
+
+#[tokio::test]
 async fn client_disconnect_cancels_the_upstream_stream() {
     let up = mock_with(MockBehavior {
         chunks: 1000,

@@ -73,7 +73,12 @@ pub struct Relay {
     upstream: BodyStream,
     scanner: SseScanner,
     idle_timeout: Duration,
+    /// Fires `idle_timeout` after it was last armed; when it fires, `last_data` decides
+    /// whether the stream was idle or the timer is moved on (cheaper than moving it for
+    /// every chunk).
     idle: Pin<Box<Sleep>>,
+    /// When upstream bytes last arrived.
+    last_data: Instant,
     /// How the upstream ended, noticed while a batch was still to be sent.
     deferred: Option<StreamEnd>,
     /// Events held for up to `HOLD_PASSES` passes of the scheduler in case the upstream
@@ -111,6 +116,7 @@ impl Relay {
             scanner,
             idle_timeout,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            last_data: Instant::now(),
             deferred: None,
             held: Batch::default(),
             empty_passes: 0,
@@ -272,7 +278,7 @@ impl Relay {
                         this.empty_passes = passes;
                         this.held = batch;
                         if got_data {
-                            this.idle.as_mut().reset(Instant::now() + this.idle_timeout);
+                            this.last_data = Instant::now();
                         }
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
@@ -282,7 +288,7 @@ impl Relay {
             }
         };
         if got_data {
-            this.idle.as_mut().reset(Instant::now() + this.idle_timeout);
+            this.last_data = Instant::now();
         }
         this.empty_passes = 0;
         match (batch.take(), end) {
@@ -298,8 +304,13 @@ impl Relay {
             (None, Some(end)) => Poll::Ready(this.finish_with(end).map(Ok)),
             (None, None) => {
                 // Waiting on upstream: the idle timer must be registered too.
-                if this.idle.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(this.finish_with(StreamEnd::IdleTimeout).map(Ok));
+                while this.idle.as_mut().poll(cx).is_ready() {
+                    let deadline = this.last_data + this.idle_timeout;
+                    if deadline <= Instant::now() {
+                        return Poll::Ready(this.finish_with(StreamEnd::IdleTimeout).map(Ok));
+                    }
+                    // Data came since the timer was armed: wait out the rest from then.
+                    this.idle.as_mut().reset(deadline);
                 }
                 Poll::Pending
             }
