@@ -7,6 +7,7 @@
 //! held in a bounded queue in memory and written again by the shipper; until that succeeds,
 //! with `on_full = "reject"`, no new request is admitted (503, `/ready` 503).
 
+mod record;
 mod shipper;
 pub(crate) mod spool;
 
@@ -28,6 +29,8 @@ const ADMISSION_MARGIN: u64 = 1 << 20;
 /// Most bytes of records held in memory while the spool cannot take them; beyond it a
 /// record is lost (and counted as dropped).
 const HELD_MAX_BYTES: usize = 8 << 20;
+/// Bytes reserved for one encoded record (a typical one takes about 150).
+const RECORD_CAPACITY: usize = 256;
 
 /// The spool and what the request path needs to append to it.
 #[derive(Debug)]
@@ -159,16 +162,14 @@ impl Ledger {
     }
 
     fn write(&self, record: &UsageRecord, frame: Frame) {
-        let bytes = match serde_json::to_vec(record) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode usage record");
-                if frame == Frame::Final {
-                    self.metrics.dropped.inc();
-                }
-                return;
+        let mut bytes = Vec::with_capacity(RECORD_CAPACITY);
+        if let Err(e) = record::encode(record, &mut bytes) {
+            tracing::error!(error = %e, "cannot encode usage record");
+            if frame == Frame::Final {
+                self.metrics.dropped.inc();
             }
-        };
+            return;
+        }
         match self.spool.append(&bytes) {
             Ok(()) => {
                 self.unwritable.store(false, Ordering::Relaxed);

@@ -2,6 +2,7 @@
 //! spool only behind what the database has taken (or has refused for the record's own
 //! content, see `StoreError::kind`). Also syncs the spool and applies retention.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use serde_json::value::RawValue;
 
+use super::record::{self, NotARecord};
 use super::spool::Batch;
 use super::{Ledger, gauge, lock};
 use crate::runtime::periodic::{Cut, Periodic};
@@ -67,12 +69,8 @@ impl Ledger {
                 self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
                 return Ok(());
             }
-            if let Some(oldest) = batch
-                .records
-                .first()
-                .and_then(|r| serde_json::from_slice::<TsOnly>(r).ok())
-            {
-                self.metrics.lag_ms.set((now_ms() - oldest.ts_ms).max(0));
+            if let Some(oldest) = batch.records.first().and_then(|r| record::ts_ms(r)) {
+                self.metrics.lag_ms.set((now_ms() - oldest).max(0));
             }
             let (written, unreadable) = insert_batch(store, &batch.records, timeout).await;
             match written {
@@ -172,7 +170,10 @@ impl Ledger {
     /// cannot be written either, the record stays in the spool.
     async fn set_aside(&self, raw: &[u8]) -> Result<(), Stalled> {
         let path = self.rejected.clone();
-        let line = [raw, b"\n"].concat();
+        // A JSON line whatever the spool's layout (one that could not be read would not
+        // have reached the database to be refused).
+        let mut line = record::to_json(raw).unwrap_or_else(|| raw.to_vec());
+        line.push(b'\n');
         let written = tokio::task::spawn_blocking(move || {
             let mut file = std::fs::OpenOptions::new()
                 .create(true)
@@ -341,7 +342,7 @@ async fn insert_batch(
     }
 }
 
-/// Decodes records for the database, skipping any that is not JSON (counted as
+/// Decodes records for the database, skipping any that cannot be read (counted as
 /// unreadable) and a stream's provisional record when its final record is in the same
 /// batch. JSON that is not a usage record refuses the batch (`Unstorable`): the shipper
 /// then ships record by record and sets that one aside.
@@ -351,10 +352,10 @@ fn decode_batch<'a>(
     let mut rows = Vec::new();
     let mut unreadable = 0;
     for raw in records {
-        match serde_json::from_slice::<UsageRecord>(raw) {
+        match record::decode(raw) {
             Ok(row) => rows.push(row),
-            Err(e) if e.is_data() => return Err(StoreError::Unstorable(e.to_string())),
-            Err(_) => {
+            Err(NotARecord::ForeignJson(e)) => return Err(StoreError::Unstorable(e.to_string())),
+            Err(NotARecord::Unreadable) => {
                 tracing::error!("undecodable usage record skipped");
                 unreadable += 1;
             }
@@ -369,13 +370,20 @@ fn decode_batch<'a>(
     Ok((rows, unreadable))
 }
 
-/// Joins records into one JSON array for the database, skipping any that is not JSON
-/// (checksummed but written by an incompatible version), and a stream's provisional record
-/// when its final record is in the same batch (the database would insert the one only to
-/// replace it with the other). Returns the array and how many records were unreadable.
-fn json_array<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> (String, u64) {
-    /// The fields read from a record (as their JSON text); the rest is only checked to be
-    /// JSON.
+/// One record's part of the JSON array: its JSON text, its id as JSON text, and whether it
+/// is a stream's provisional record.
+struct JsonItem<'r> {
+    json: Cow<'r, [u8]>,
+    id: Option<Cow<'r, str>>,
+    provisional: bool,
+}
+
+/// A record as an item of the JSON array; `None` when it cannot be read. Binary records
+/// are re-encoded; JSON ones go as they are, even of another shape (the database refuses
+/// those, and they are set aside).
+fn json_item(raw: &[u8]) -> Option<JsonItem<'_>> {
+    /// The fields read from a JSON record (as their JSON text); the rest is only checked
+    /// to be JSON.
     #[derive(serde::Deserialize, Default)]
     struct Key<'r> {
         #[serde(borrow, default)]
@@ -383,42 +391,62 @@ fn json_array<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> (String, u
         #[serde(borrow, default)]
         outcome: Option<&'r RawValue>,
     }
-    // None: not JSON at all. A JSON record of another shape still goes to the database,
-    // which refuses it (and it is set aside).
+    if record::is_binary(raw) {
+        let r = record::decode(raw).ok()?;
+        return Some(JsonItem {
+            json: Cow::Owned(serde_json::to_vec(&r).ok()?),
+            id: Some(Cow::Owned(serde_json::to_string(&r.id).ok()?)),
+            provisional: r.outcome == Outcome::Interrupted,
+        });
+    }
     // One parse per record: a syntax error means not JSON; JSON that is not such an object
     // (a data error) goes on without a key.
-    let keys: Vec<Option<Key<'a>>> = records
-        .clone()
-        .map(|raw| match serde_json::from_slice::<Key<'a>>(raw) {
-            Ok(key) => Some(key),
-            Err(e) if e.is_data() => Some(Key::default()),
-            Err(_) => None,
-        })
-        .collect();
-    let provisional = |k: &Key<'_>| k.outcome.map(RawValue::get) == Some("\"interrupted\"");
-    let finals: std::collections::HashSet<&str> = keys
+    let key = match serde_json::from_slice::<Key<'_>>(raw) {
+        Ok(key) => key,
+        Err(e) if e.is_data() => Key::default(),
+        Err(_) => return None,
+    };
+    Some(JsonItem {
+        json: Cow::Borrowed(raw),
+        id: key.id.map(|id| Cow::Borrowed(id.get())),
+        provisional: key.outcome.map(RawValue::get) == Some("\"interrupted\""),
+    })
+}
+
+/// Joins records into one JSON array for the database, skipping any that cannot be read
+/// (checksummed but written by an incompatible version), and a stream's provisional record
+/// when its final record is in the same batch (the database would insert the one only to
+/// replace it with the other). Returns the array and how many records were unreadable.
+fn json_array<'a>(records: impl Iterator<Item = &'a [u8]>) -> (String, u64) {
+    let items: Vec<Option<JsonItem<'a>>> = records.map(json_item).collect();
+    let finals: std::collections::HashSet<&str> = items
         .iter()
         .flatten()
-        .filter(|k| !provisional(k))
-        .filter_map(|k| k.id.map(RawValue::get))
+        .filter(|i| !i.provisional)
+        .filter_map(|i| i.id.as_deref())
         .collect();
-    let size = records.clone().map(|r| r.len() + 1).sum::<usize>() + 2;
+    let size = items
+        .iter()
+        .flatten()
+        .map(|i| i.json.len() + 1)
+        .sum::<usize>()
+        + 2;
     let mut array = Vec::with_capacity(size);
     array.push(b'[');
     let mut skipped = 0;
-    for (raw, key) in records.zip(&keys) {
-        let Some(key) = key else {
+    for item in &items {
+        let Some(item) = item else {
             tracing::error!("undecodable usage record skipped");
             skipped += 1;
             continue;
         };
-        if provisional(key) && key.id.is_some_and(|id| finals.contains(id.get())) {
+        if item.provisional && item.id.as_deref().is_some_and(|id| finals.contains(id)) {
             continue;
         }
         if array.len() > 1 {
             array.push(b',');
         }
-        array.extend_from_slice(raw);
+        array.extend_from_slice(&item.json);
     }
     array.push(b']');
     (String::from_utf8_lossy(&array).into_owned(), skipped)
@@ -475,6 +503,40 @@ mod tests {
         ));
     }
 
+    fn binary(id: &str, outcome: Outcome) -> Vec<u8> {
+        let r: UsageRecord = serde_json::from_slice(&record(id, outcome)).unwrap();
+        let mut out = Vec::new();
+        super::record::encode(&r, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn binary_records_and_json_ones_of_earlier_versions_ship_alike() {
+        let batch = [
+            record("a", Outcome::Interrupted),
+            binary("b", Outcome::Interrupted),
+            binary("a", Outcome::Complete),
+            vec![1, 0xff],
+            binary("c", Outcome::Complete),
+        ];
+        let (rows, unreadable) = decode_batch(batch.iter().map(Vec::as_slice)).unwrap();
+        assert_eq!(unreadable, 1);
+        let kept: Vec<(&str, Outcome)> = rows.iter().map(|r| (r.id.as_str(), r.outcome)).collect();
+        assert_eq!(
+            kept,
+            [
+                ("b", Outcome::Interrupted),
+                ("a", Outcome::Complete),
+                ("c", Outcome::Complete)
+            ]
+        );
+        // PostgreSQL gets the same rows as JSON.
+        let (array, unreadable) = json_array(batch.iter().map(Vec::as_slice));
+        assert_eq!(unreadable, 1);
+        let shipped: Vec<UsageRecord> = serde_json::from_str(&array).unwrap();
+        assert_eq!(shipped, rows);
+    }
+
     #[test]
     fn a_provisional_record_is_left_out_when_its_final_one_is_in_the_batch() {
         let records: [&[u8]; 4] = [
@@ -504,10 +566,4 @@ mod tests {
         assert_eq!(unreadable, 2);
         assert_eq!(array, r#"[[1,2],{"id":7,"outcome":null},"text"]"#);
     }
-}
-
-/// The one field read from a spooled record: its time, for the lag gauge.
-#[derive(serde::Deserialize)]
-struct TsOnly {
-    ts_ms: i64,
 }

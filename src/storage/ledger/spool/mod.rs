@@ -13,7 +13,7 @@
 //! | 4     | magic `b"LGW1"`                                         |
 //! | 4     | payload length, u32 LE, at most [`MAX_RECORD_BYTES`]    |
 //! | 4     | CRC-32 (`crc32fast`) of the payload, u32 LE             |
-//! | n     | payload (opaque, typically a JSON usage record)         |
+//! | n     | payload (opaque): a usage record (`ledger/record.rs`)   |
 //!
 //! # Recovery
 //! A record is in the page cache once `append` returns, so it survives a kill of the process
