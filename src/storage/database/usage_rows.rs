@@ -1,5 +1,7 @@
 //! Usage rows: idempotent batch inserts, summaries, and retention by small deletes.
 
+use std::sync::LazyLock;
+
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
@@ -114,8 +116,7 @@ const COLUMNS: &str = "id, request_id, ts_ms, key_id, model, backend, endpoint, 
      prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
      client_disconnected, instance_id, outcome";
 
-/// Leaves a present row alone unless a final record replaces a provisional one; returns
-/// the outcome of each row written.
+/// Leaves a present row alone unless a final record replaces a provisional one.
 fn upsert_clause() -> String {
     let updates = COLUMNS
         .split(", ")
@@ -125,8 +126,7 @@ fn upsert_clause() -> String {
         .join(", ");
     format!(
         "ON CONFLICT (id) DO UPDATE SET {updates} \
-         WHERE usage_records.outcome = 'interrupted' AND excluded.outcome <> 'interrupted' \
-         RETURNING outcome"
+         WHERE usage_records.outcome = 'interrupted' AND excluded.outcome <> 'interrupted'"
     )
 }
 
@@ -140,32 +140,52 @@ fn count_new(outcomes: &[String]) -> u64 {
 /// whatever the batch size.
 const SQLITE_CHUNKS: [usize; 3] = [64, 8, 1];
 
+/// The `INSERT` of each of `SQLITE_CHUNKS`' sizes, built once.
+static SQLITE_INSERTS: LazyLock<[String; 3]> = LazyLock::new(|| {
+    let width = COLUMNS.split(", ").count();
+    let row = format!("({})", vec!["?"; width].join(", "));
+    let upsert = upsert_clause();
+    SQLITE_CHUNKS.map(|n| {
+        format!(
+            "INSERT INTO usage_records ({COLUMNS}) VALUES {} {upsert}",
+            vec![row.as_str(); n].join(", ")
+        )
+    })
+});
+
 /// SQLite: the records are bound as columns of multi-row `INSERT`s in one transaction.
 /// (SQLite's JSON functions unpacking a JSON array cost about 40 % of the gateway's
-/// instructions per request in callgrind, docs/benchmarks.md.) Rows are applied in order,
-/// so a final record after its provisional one in the same batch updates it.
-async fn insert_sqlite(
-    pool: &sqlx::SqlitePool,
-    rows: &[UsageRecord],
-) -> Result<Vec<String>, StoreError> {
-    let (columns, upsert) = (COLUMNS, upsert_clause());
-    let width = columns.split(", ").count();
-    let mut outcomes = Vec::with_capacity(rows.len());
+/// instructions per request in callgrind, docs/benchmarks.md.) Provisional records go
+/// first, so that a final record replaces its provisional one whatever their order in
+/// `rows`; then the finals' count of changed rows is the number of new final records
+/// (without `RETURNING`, which made each row about a fifth dearer). Returns that number.
+async fn insert_sqlite(pool: &sqlx::SqlitePool, rows: &[UsageRecord]) -> Result<u64, StoreError> {
+    let (provisional, finals): (Vec<&UsageRecord>, Vec<&UsageRecord>) =
+        rows.iter().partition(|r| r.outcome == Outcome::Interrupted);
     let mut tx = pool.begin().await?;
+    insert_sqlite_rows(&mut tx, &provisional).await?;
+    let new = insert_sqlite_rows(&mut tx, &finals).await?;
+    tx.commit().await?;
+    Ok(new)
+}
+
+/// Inserts `rows` in chunks of `SQLITE_CHUNKS`' sizes; returns the rows changed.
+async fn insert_sqlite_rows(
+    tx: &mut sqlx::SqliteConnection,
+    rows: &[&UsageRecord],
+) -> Result<u64, StoreError> {
+    let mut changed = 0;
     let mut rest = rows;
     while !rest.is_empty() {
-        let n = SQLITE_CHUNKS
-            .into_iter()
-            .find(|&n| n <= rest.len())
-            .unwrap_or(rest.len());
+        let (n, sql) = SQLITE_CHUNKS
+            .iter()
+            .zip(SQLITE_INSERTS.iter())
+            .find(|(n, _)| **n <= rest.len())
+            .map(|(n, sql)| (*n, sql.as_str()))
+            .unwrap_or((1, SQLITE_INSERTS[2].as_str()));
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
-        let row = format!("({})", vec!["?"; width].join(", "));
-        let sql = format!(
-            "INSERT INTO usage_records ({columns}) VALUES {} {upsert}",
-            vec![row; chunk.len()].join(", ")
-        );
-        let mut query = sqlx::query_scalar::<_, String>(&sql);
+        let mut query = sqlx::query(sql);
         for r in chunk {
             let int = |v: u64, what: &str| {
                 i64::try_from(v).map_err(|_| StoreError::Unstorable(format!("{what} {v}")))
@@ -188,10 +208,9 @@ async fn insert_sqlite(
                 .bind(r.instance_id.as_str())
                 .bind(r.outcome.as_str());
         }
-        outcomes.extend(query.fetch_all(&mut *tx).await?);
+        changed += query.execute(&mut *tx).await?.rows_affected();
     }
-    tx.commit().await?;
-    Ok(outcomes)
+    Ok(changed)
 }
 
 /// Rows deleted per retention statement: small enough to keep locks and WAL short.
@@ -203,7 +222,7 @@ impl Store {
     /// SQLite binds them as columns; PostgreSQL gets them as one JSON array.
     pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<u64, StoreError> {
         match self {
-            Self::Sqlite(pool) => Ok(count_new(&insert_sqlite(pool, records).await?)),
+            Self::Sqlite(pool) => insert_sqlite(pool, records).await,
             Self::Postgres(_) => {
                 let json = serde_json::to_string(records)
                     .map_err(|e| StoreError::Corrupt(format!("usage record: {e}")))?;
@@ -221,7 +240,7 @@ impl Store {
     /// rows are not counted). On SQLite the array is decoded here (`insert_usage`).
     pub async fn insert_usage_json(&self, records: &str) -> Result<u64, StoreError> {
         let upsert = upsert_clause();
-        let outcomes: Vec<String> = match self {
+        match self {
             Self::Postgres(pool) => {
                 // One row per id in a statement (PostgreSQL refuses to update a row twice):
                 // a final record wins over the provisional one in the same batch.
@@ -235,20 +254,20 @@ impl Store {
                      prompt_tokens bigint, completion_tokens bigint, estimated boolean, \
                      latency_us bigint, ttft_us bigint, client_disconnected boolean, \
                      instance_id text, outcome text)) AS r \
-                     ORDER BY id, outcome = 'interrupted' {upsert}"
+                     ORDER BY id, outcome = 'interrupted' {upsert} RETURNING outcome"
                 );
-                sqlx::query_scalar(&sql)
+                let outcomes: Vec<String> = sqlx::query_scalar(&sql)
                     .bind(records)
                     .fetch_all(pool)
-                    .await?
+                    .await?;
+                Ok(count_new(&outcomes))
             }
             Self::Sqlite(pool) => {
                 let rows: Vec<UsageRecord> = serde_json::from_str(records)
                     .map_err(|e| StoreError::Unstorable(e.to_string()))?;
-                insert_sqlite(pool, &rows).await?
+                insert_sqlite(pool, &rows).await
             }
-        };
-        Ok(count_new(&outcomes))
+        }
     }
 
     /// Totals since `since_ms`, grouped by key or model, largest token use first.
