@@ -386,6 +386,155 @@ async fn a_request_the_backend_took_and_dropped_is_not_sent_to_it_again() {
     server.abort();
 }
 
+/// Reads one request's head and body; `None` when the connection ends first.
+async fn read_request_head(s: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match tokio::io::AsyncReadExt::read(s, &mut byte).await {
+            Ok(1) => buf.push(byte[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len: usize = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::io::AsyncReadExt::read_exact(s, &mut body)
+        .await
+        .ok()?;
+    Some(head)
+}
+
+/// An upstream on a raw socket: answers requests alternately whole and streamed (chunked
+/// SSE), and closes each connection after `per_connection` answers without saying so.
+async fn raw_upstream(per_connection: usize) -> RawUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = RawUpstream {
+        url: format!("http://{addr}/v1"),
+        connections: Arc::default(),
+        closed: Arc::default(),
+        heads: Arc::default(),
+    };
+    let (conns, closed, seen) = (
+        Arc::clone(&up.connections),
+        Arc::clone(&up.closed),
+        Arc::clone(&up.heads),
+    );
+    tokio::spawn(async move {
+        let body = r#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+        let whole = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        let done = "data: [DONE]\n\n";
+        let streamed = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n{:x}\r\n{done}\r\n0\r\n\r\n",
+            event.len(),
+            done.len()
+        );
+        let answered = Arc::new(AtomicUsize::new(0));
+        while let Ok((mut s, _)) = listener.accept().await {
+            conns.fetch_add(1, Ordering::SeqCst);
+            let (whole, streamed, seen, answered, closed) = (
+                whole.clone(),
+                streamed.clone(),
+                Arc::clone(&seen),
+                Arc::clone(&answered),
+                Arc::clone(&closed),
+            );
+            tokio::spawn(async move {
+                for _ in 0..per_connection {
+                    let Some(head) = read_request_head(&mut s).await else {
+                        return;
+                    };
+                    seen.lock().unwrap().push(head);
+                    let n = answered.fetch_add(1, Ordering::SeqCst);
+                    let answer = if n % 2 == 0 { &whole } else { &streamed };
+                    s.write_all(answer.as_bytes()).await.unwrap();
+                }
+                // As a server ends an idle keep-alive connection.
+                drop(s);
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    up
+}
+
+struct RawUpstream {
+    url: String,
+    connections: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Whole and streamed answers read to the end leave their connection for the next
+/// request; the request line is origin-form with the backend's `Host`.
+#[tokio::test]
+async fn answers_read_to_the_end_leave_their_connection_to_the_next_request() {
+    let up = raw_upstream(usize::MAX).await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("b", &up.url, ""),
+        model("m", &["b"])
+    );
+    let gw = Gateway::start(&toml).await;
+    for i in 0..6 {
+        let r = chat(&gw, i % 2 == 1).await;
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        if i % 2 == 1 {
+            assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        }
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    let host = up.url.trim_start_matches("http://").trim_end_matches("/v1");
+    for head in up.heads.lock().unwrap().iter() {
+        assert!(
+            head.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("\r\nhost: {host}\r\n")),
+            "{head}"
+        );
+    }
+}
+
+/// A pooled connection the backend closed while it was idle is not used: every request
+/// is answered, each on a new connection.
+#[tokio::test]
+async fn a_connection_the_backend_closed_while_idle_is_not_used() {
+    let up = raw_upstream(1).await;
+    let toml = format!(
+        "[health_check]\nenabled = false\n{}{}",
+        backend("b", &up.url, ""),
+        model("m", &["b"])
+    );
+    let gw = Gateway::start(&toml).await;
+    for i in 0..6 {
+        let r = chat(&gw, i % 2 == 1).await;
+        assert_eq!(r.status(), 200, "request {i}");
+        r.text().await.unwrap();
+        // The close reaches the gateway while its connection is idle.
+        wait_for("the backend closed it", Duration::from_secs(5), || {
+            up.closed.load(Ordering::SeqCst) == i + 1
+        })
+        .await;
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 6);
+}
+
 #[tokio::test]
 async fn non_streaming_upstream_timeout_is_504() {
     let up = mock_with(MockBehavior {

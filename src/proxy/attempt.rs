@@ -159,14 +159,15 @@ impl Call<'_> {
             } else {
                 backend.timeouts.request
             };
-        let uri = backend
-            .endpoint_uri(self.endpoint.path())
+        let target = backend
+            .endpoint(self.endpoint.path())
             .ok_or_else(|| Failure::last(ApiError::UpstreamInvalid, "bad_url"))?;
         let response = {
             let mut request = Request::new(Full::new(body));
             *request.method_mut() = Method::POST;
-            *request.uri_mut() = uri.clone();
+            *request.uri_mut() = target.path.clone();
             let headers = request.headers_mut();
+            headers.insert(header::HOST, target.host.clone());
             headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -181,7 +182,8 @@ impl Call<'_> {
             if let Some(authorization) = backend.authorization() {
                 headers.insert(header::AUTHORIZATION, authorization.clone());
             }
-            match tokio::time::timeout_at(deadline, backend.client().request(request)).await {
+            let sent = backend.pool().request(&target.server, request);
+            match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(response)) => response,
                 Err(_) => {
                     attempt.failure();
@@ -194,7 +196,7 @@ impl Call<'_> {
                 // Also a pooled connection the backend closed after taking the request:
                 // not sent to it again (it may be working on it); another backend may be
                 // tried, as an attempt. A request never written on a reused connection is
-                // re-sent by the connection pool itself.
+                // sent again by the pool itself.
                 Ok(Err(_)) => {
                     attempt.failure();
                     return Err(Failure::retry(ApiError::UpstreamUnreachable, "request"));

@@ -81,11 +81,6 @@ pub struct Relay {
     last_data: Instant,
     /// How the upstream ended, noticed while a batch was still to be sent.
     deferred: Option<StreamEnd>,
-    /// Events held for up to `HOLD_PASSES` passes of the scheduler in case the upstream
-    /// connection has the next ones already read (`poll_next`).
-    held: Batch,
-    /// Passes the held events have waited without anything new arriving.
-    empty_passes: u8,
     /// The first batch, gathered by `prime` before the response head went out.
     primed: Option<Option<Result<Bytes, std::io::Error>>>,
     on_end: Option<OnEnd>,
@@ -118,8 +113,6 @@ impl Relay {
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             last_data: Instant::now(),
             deferred: None,
-            held: Batch::default(),
-            empty_passes: 0,
             primed: None,
             on_end: Some(on_end),
         }
@@ -163,12 +156,6 @@ impl Relay {
 
 /// Most bytes gathered into one write when upstream chunks arrive together.
 const MAX_BATCH: usize = 64 * 1024;
-/// Scheduler passes held events wait for more without anything new arriving. The
-/// upstream connection task needs two passes to decode its next buffered chunk (measured:
-/// with one, every event still went out in a write of its own) and four to report the end
-/// of the body (with four, 17 events and the end of a stream that came in one read leave
-/// in one write).
-const HOLD_PASSES: u8 = 4;
 /// Longest single SSE event accepted; an upstream that never ends an event is cut off
 /// rather than buffered without bound.
 const MAX_EVENT: usize = 1024 * 1024;
@@ -219,13 +206,10 @@ impl Stream for Relay {
     /// Passes on every event that is ready, joined into one chunk, so a burst of tokens
     /// costs one write to the client instead of one each.
     ///
-    /// The upstream connection hands its body over one chunk at a time (its task decodes
-    /// the next only after this side took the last), so events that arrived in one read
-    /// come a few polls apart. Events are therefore held for up to `HOLD_PASSES` passes of
-    /// the scheduler (this task wakes itself at once, it does not wait on a timer): if the
-    /// connection had more already read, they join the batch; once that many passes bring
-    /// nothing new, the batch goes out. A ready token thus waits only while its successors
-    /// keep arriving (up to `MAX_BATCH`), never for the network.
+    /// Reading the upstream body drives its connection in this task (`upstream/pool.rs`),
+    /// so whatever the connection has read comes out of one poll: a batch goes out when
+    /// the upstream has nothing more ready (or at `MAX_BATCH`). A ready token never waits
+    /// for the network.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         match this.primed.take() {
@@ -245,7 +229,7 @@ impl Relay {
         if this.on_end.is_none() {
             return Poll::Ready(None);
         }
-        let mut batch = std::mem::take(&mut this.held);
+        let mut batch = Batch::default();
         let mut got_data = false;
         if let Some(first) = this.first.take() {
             got_data = true;
@@ -272,25 +256,12 @@ impl Relay {
                         StreamEnd::Incomplete
                     });
                 }
-                Poll::Pending => {
-                    let passes = if got_data { 0 } else { this.empty_passes + 1 };
-                    if batch.len() > 0 && passes <= HOLD_PASSES {
-                        this.empty_passes = passes;
-                        this.held = batch;
-                        if got_data {
-                            this.last_data = Instant::now();
-                        }
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
-                    break None;
-                }
+                Poll::Pending => break None,
             }
         };
         if got_data {
             this.last_data = Instant::now();
         }
-        this.empty_passes = 0;
         match (batch.take(), end) {
             (Some(out), end) => {
                 if let Some(end) = end {

@@ -10,7 +10,8 @@ use crate::config::secret::Secret;
 use crate::config::{BackendConfig, BreakerConfig, UpstreamConfig};
 
 use super::breaker::{Admission, Breaker, BreakerState};
-use super::client::{self, HttpClient, Tls};
+use super::client::{self, Tls};
+use super::pool::Pool;
 
 /// Why a backend's clients could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,43 @@ pub enum BuildError {
 
 /// Paths (relative to `base_url`) whose URIs are built once at start.
 pub const PROXIED_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
+
+/// Where one endpoint's requests go, as HTTP/1 needs it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Scheme and authority: what is connected to.
+    pub server: Uri,
+    /// Path and query: the request line's target.
+    pub path: Uri,
+    /// The `Host` header.
+    pub host: HeaderValue,
+}
+
+impl Target {
+    /// Parsed through `url` first: it puts hosts in ASCII (IDNA), which `Uri` requires.
+    fn parse(url: &str) -> Option<Self> {
+        let url = url::Url::parse(url).ok()?;
+        let full = Uri::try_from(url.as_str()).ok()?;
+        let authority = full.authority()?.clone();
+        let server = Uri::builder()
+            .scheme(full.scheme()?.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .ok()?;
+        let path = Uri::from(full.path_and_query()?.clone());
+        // Host and port only: never the user info a URL may carry.
+        let host = match full.port() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_owned(),
+        };
+        Some(Self {
+            server,
+            path,
+            host: HeaderValue::from_str(&host).ok()?,
+        })
+    }
+}
 
 /// Health as last seen by the background prober.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +121,7 @@ pub struct Backend {
     /// Configured name (metric label, log field).
     pub name: Arc<str>,
     base_url: String,
-    endpoint_uris: Vec<(&'static str, Uri)>,
+    endpoints: Vec<(&'static str, Target)>,
     api_key: Option<Secret>,
     /// `Bearer <api_key>`, marked sensitive.
     authorization: Option<HeaderValue>,
@@ -93,9 +131,9 @@ pub struct Backend {
     pub max_concurrency: usize,
     /// Per-request deadlines.
     pub timeouts: Timeouts,
-    /// The proxy path's pooled clients for this backend only: one per request worker,
-    /// whose connections live on that worker's thread, and a last one for any other thread.
-    clients: Box<[HttpClient]>,
+    /// The proxy path's connection pools for this backend only: one per request worker,
+    /// whose connections are used on that worker's thread, and a last one for any other.
+    pools: Box<[Arc<Pool>]>,
     /// The prober's client (off the request path).
     probe_client: reqwest::Client,
     /// Passive circuit breaker.
@@ -133,8 +171,8 @@ impl Backend {
             pool_max_idle_per_host: upstream.pool_max_idle_per_host,
         };
         let tls = Tls::platform()?;
-        let clients = (0..=workers)
-            .map(|_| client::build(settings, &tls))
+        let pools = (0..=workers)
+            .map(|_| Arc::new(client::build(settings, &tls)))
             .collect();
         let probe_client = reqwest::Client::builder()
             .no_proxy()
@@ -146,13 +184,9 @@ impl Backend {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let base_url = cfg.base_url.trim_end_matches('/').to_owned();
-        // Through `url` first: it puts hosts in ASCII (IDNA), which `Uri` requires.
-        let endpoint_uris = PROXIED_PATHS
+        let endpoints = PROXIED_PATHS
             .iter()
-            .filter_map(|p| {
-                let url = url::Url::parse(&format!("{base_url}{p}")).ok()?;
-                Some((*p, Uri::try_from(url.as_str()).ok()?))
-            })
+            .filter_map(|p| Some((*p, Target::parse(&format!("{base_url}{p}"))?)))
             .collect();
         let authorization = api_key.as_ref().and_then(|k| {
             let mut v = HeaderValue::try_from(format!("Bearer {}", k.expose())).ok()?;
@@ -169,7 +203,7 @@ impl Backend {
         Ok(Self {
             name: Arc::from(cfg.name.as_str()),
             base_url,
-            endpoint_uris,
+            endpoints,
             api_key,
             authorization,
             weight: cfg.weight,
@@ -179,7 +213,7 @@ impl Backend {
                 first_token: cfg.first_token_timeout,
                 stream_idle: cfg.stream_idle_timeout,
             },
-            clients,
+            pools,
             probe_client,
             breaker: Breaker::new(breaker.failure_threshold, breaker.open_duration),
             in_flight: AtomicUsize::new(0),
@@ -218,21 +252,21 @@ impl Backend {
         url
     }
 
-    /// The URI of a proxied endpoint (built once, not per request); `None` if the base
-    /// URL does not make one.
-    pub fn endpoint_uri(&self, path: &str) -> Option<&Uri> {
-        self.endpoint_uris
+    /// Where a proxied endpoint's requests go (built once, not per request); `None` if
+    /// the base URL does not make one.
+    pub fn endpoint(&self, path: &str) -> Option<&Target> {
+        self.endpoints
             .iter()
             .find(|(p, _)| *p == path)
-            .map(|(_, uri)| uri)
+            .map(|(_, target)| target)
     }
 
-    /// The proxy path's client whose pool belongs to this thread: the request worker's
-    /// own, or the shared last one off the workers.
-    pub fn client(&self) -> &HttpClient {
-        let last = self.clients.len() - 1;
+    /// The proxy path's connection pool for this thread: the request worker's own, or the
+    /// shared last one off the workers.
+    pub fn pool(&self) -> &Arc<Pool> {
+        let last = self.pools.len() - 1;
         let i = crate::runtime::workers::current().map_or(last, |w| w.min(last));
-        &self.clients[i]
+        &self.pools[i]
     }
 
     /// The prober's client.

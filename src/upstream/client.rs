@@ -1,16 +1,16 @@
-//! The proxy path's HTTP client: hyper-util's pooled HTTP/1 client driven directly, with
-//! each endpoint's `Uri` and the backend's `Authorization` value built once. reqwest (kept
-//! for the prober) parses the URL again in its request and redirect layers on every call:
-//! 8 % of the gateway's instructions per request (docs/benchmarks.md, change 8).
+//! The proxy path's HTTP client: hyper's HTTP/1 connections (pooled by `pool.rs`), opened
+//! by hyper-util's connector with TLS from hyper-rustls, and each endpoint's request target
+//! and the backend's `Authorization` value built once. reqwest (kept for the prober) parses
+//! the URL again in its request and redirect layers on every call: 8 % of the gateway's
+//! instructions per request (docs/benchmarks.md, change 8).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyDataStream, Full};
-use hyper_util::client::legacy::Client;
+use http_body_util::BodyDataStream;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::pool::{Pool, UpstreamBody};
 
 /// TCP keep-alive probes on upstream connections: reqwest's defaults, kept from when it
 /// carried the proxy path.
@@ -19,12 +19,10 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// Unacknowledged data older than this breaks the connection (reqwest's default too).
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A pooled client for one backend, on one request worker.
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// An upstream answer; its body is read as it arrives.
-pub type Response = axum::http::Response<hyper::body::Incoming>;
+pub type Response = axum::http::Response<UpstreamBody>;
 /// An upstream body as a stream of its data frames.
-pub type BodyStream = BodyDataStream<hyper::body::Incoming>;
+pub type BodyStream = BodyDataStream<UpstreamBody>;
 
 /// What a backend's connections are built with.
 #[derive(Debug, Clone, Copy)]
@@ -54,8 +52,8 @@ impl Tls {
     }
 }
 
-/// A new pooled client (HTTP/1 only, plain or TLS by the URI's scheme).
-pub fn build(settings: Settings, tls: &Tls) -> HttpClient {
+/// A new, empty connection pool (HTTP/1 only, plain or TLS by the URI's scheme).
+pub fn build(settings: Settings, tls: &Tls) -> Pool {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -69,10 +67,5 @@ pub fn build(settings: Settings, tls: &Tls) -> HttpClient {
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(settings.pool_idle_timeout)
-        .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-        .build(connector)
+    Pool::new(connector, settings)
 }

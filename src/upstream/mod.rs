@@ -1,5 +1,5 @@
 //! Where requests go: each backend with its HTTP clients, pools, in-flight count and
-//! breaker (`backend.rs`, `client.rs`, `breaker.rs`), the balancer that picks one of a model's routes
+//! breaker (`backend.rs`, `client.rs`, `pool.rs`, `breaker.rs`), the balancer that picks one of a model's routes
 //! (`balancer.rs`), and the health prober (`prober.rs`).
 //!
 //! May depend on `config/`, on `runtime::workers` (which thread's pool to use) and, for
@@ -9,6 +9,7 @@ pub(crate) mod backend;
 pub(crate) mod balancer;
 pub(crate) mod breaker;
 pub(crate) mod client;
+pub(crate) mod pool;
 pub(crate) mod prober;
 
 pub use backend::{Attempt, Backend, Health};
