@@ -386,32 +386,6 @@ async fn a_request_the_backend_took_and_dropped_is_not_sent_to_it_again() {
     server.abort();
 }
 
-/// Reads one request's head and body; `None` when the connection ends first.
-async fn read_request_head(s: &mut tokio::net::TcpStream) -> Option<String> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        match tokio::io::AsyncReadExt::read(s, &mut byte).await {
-            Ok(1) => buf.push(byte[0]),
-            _ => return None,
-        }
-    }
-    let head = String::from_utf8_lossy(&buf).into_owned();
-    let len: usize = head
-        .to_ascii_lowercase()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    tokio::io::AsyncReadExt::read_exact(s, &mut body)
-        .await
-        .ok()?;
-    Some(head)
-}
-
 /// An upstream on a raw socket: answers requests alternately whole and streamed (chunked
 /// SSE), and closes each connection after `per_connection` answers without saying so.
 async fn raw_upstream(per_connection: usize) -> RawUpstream {
@@ -453,7 +427,7 @@ async fn raw_upstream(per_connection: usize) -> RawUpstream {
             );
             tokio::spawn(async move {
                 for _ in 0..per_connection {
-                    let Some(head) = read_request_head(&mut s).await else {
+                    let Some(head) = read_http_request_head(&mut s).await else {
                         return;
                     };
                     seen.lock().unwrap().push(head);
@@ -585,19 +559,25 @@ async fn first_token_deadline_is_504_and_fails_over() {
     }
 }
 
-#[tokio::test]
-async fn idle_stream_is_closed_with_an_error_event() {
-    let up = mock_with(MockBehavior {
-        chunk_interval: Duration::from_secs(30),
-        ..Default::default()
-    })
-    .await;
+/// A gateway with a 300 ms stream idle timeout in front of a mock behaving so.
+async fn with_idle_timeout(behavior: MockBehavior) -> (llm_gateway::mock::MockUpstream, Gateway) {
+    let up = mock_with(behavior).await;
     let toml = format!(
         "[health_check]\nenabled = false\n{}{}",
         backend("b", &up.base_url(), "stream_idle_timeout = \"300ms\""),
         model("m", &["b"])
     );
     let gw = Gateway::start(&toml).await;
+    (up, gw)
+}
+
+#[tokio::test]
+async fn idle_stream_is_closed_with_an_error_event() {
+    let (up, gw) = with_idle_timeout(MockBehavior {
+        chunk_interval: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
     let r = chat(&gw, true).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
@@ -613,18 +593,12 @@ async fn idle_stream_is_closed_with_an_error_event() {
 #[tokio::test]
 async fn a_stream_that_keeps_sending_outlives_its_idle_timeout() {
     // Events 100 ms apart for about 1.2 s: each one restarts the 300 ms idle timer.
-    let up = mock_with(MockBehavior {
+    let (_up, gw) = with_idle_timeout(MockBehavior {
         chunks: 12,
         chunk_interval: Duration::from_millis(100),
         ..Default::default()
     })
     .await;
-    let toml = format!(
-        "[health_check]\nenabled = false\n{}{}",
-        backend("b", &up.base_url(), "stream_idle_timeout = \"300ms\""),
-        model("m", &["b"])
-    );
-    let gw = Gateway::start(&toml).await;
     let r = chat(&gw, true).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();

@@ -131,16 +131,23 @@ pub fn with_test_storage(toml: &str, dir: &std::path::Path) -> String {
 
 /// Reads one HTTP/1.1 request (headers and Content-Length body) from `s`; false on EOF.
 pub async fn read_http_request(s: &mut tokio::net::TcpStream) -> bool {
+    read_http_request_head(s).await.is_some()
+}
+
+/// Reads one HTTP/1 request (head and `content-length` body); returns its head, `None`
+/// when the connection ends first.
+pub async fn read_http_request_head(s: &mut tokio::net::TcpStream) -> Option<String> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
         match tokio::io::AsyncReadExt::read(s, &mut byte).await {
             Ok(1) => buf.push(byte[0]),
-            _ => return false,
+            _ => return None,
         }
     }
-    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let head = String::from_utf8_lossy(&buf).into_owned();
     let len: usize = head
+        .to_ascii_lowercase()
         .lines()
         .find_map(|l| l.strip_prefix("content-length:"))
         .map(|v| v.trim().parse().unwrap())
@@ -148,7 +155,8 @@ pub async fn read_http_request(s: &mut tokio::net::TcpStream) -> bool {
     let mut body = vec![0u8; len];
     tokio::io::AsyncReadExt::read_exact(s, &mut body)
         .await
-        .is_ok()
+        .ok()?;
+    Some(head)
 }
 
 /// A mock upstream with default behaviour.
