@@ -16,8 +16,8 @@ pub struct UpstreamConfig {
     /// No new attempt starts once this much time has passed since the request arrived.
     #[serde(with = "humantime_serde")]
     pub retry_budget: Duration,
-    /// Idle pooled connections are closed after this long; keep it under the backends'
-    /// keep-alive timeout (uvicorn/vLLM: 5 s).
+    /// Idle pooled connections are not reused after this long (the next request closes
+    /// them); keep it under the backends' keep-alive timeout (uvicorn/vLLM: 5 s).
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per backend.

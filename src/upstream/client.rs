@@ -29,7 +29,7 @@ pub type BodyStream = BodyDataStream<UpstreamBody>;
 pub struct Settings {
     /// Most time to open a TCP connection.
     pub connect_timeout: Duration,
-    /// Idle pooled connections are closed after this.
+    /// Idle pooled connections are not reused after this.
     pub pool_idle_timeout: Duration,
     /// Most idle pooled connections kept.
     pub pool_max_idle_per_host: usize,
