@@ -361,12 +361,22 @@ fn decode_batch<'a>(
             }
         }
     }
-    let finals: std::collections::HashSet<String> = rows
+    // Most batches hold no provisional record (only streams write one): then there is
+    // nothing to leave out and no set of ids to build.
+    let provisional: std::collections::HashSet<&str> = rows
         .iter()
-        .filter(|r| r.outcome != Outcome::Interrupted)
+        .filter(|r| r.outcome == Outcome::Interrupted)
+        .map(|r| r.id.as_str())
+        .collect();
+    if provisional.is_empty() {
+        return Ok((rows, unreadable));
+    }
+    let superseded: std::collections::HashSet<String> = rows
+        .iter()
+        .filter(|r| r.outcome != Outcome::Interrupted && provisional.contains(r.id.as_str()))
         .map(|r| r.id.clone())
         .collect();
-    rows.retain(|r| r.outcome != Outcome::Interrupted || !finals.contains(&r.id));
+    rows.retain(|r| r.outcome != Outcome::Interrupted || !superseded.contains(&r.id));
     Ok((rows, unreadable))
 }
 
