@@ -18,6 +18,9 @@
 #                    limits and a ledger (built from git into its own target dir)
 #   - "llm-gateway-before": the gateway at commit BENCH_BEFORE_REV, configured as
 #                    "llm-gateway" (a change's before/after in one run)
+#   - "hyper-floor": examples/hyper_floor.rs, the cheapest reverse proxy the gateway's own
+#                    stack makes (tokio + hyper server + hyper client, one runtime per thread,
+#                    2 threads, no logic at all): how much of the gateway's CPU the stack costs
 #   - "llm-gateway-pg": API keys required (one key, no limits) and the usage ledger on a
 #                    throwaway PostgreSQL server (unix socket) started by this script
 # The storage benchmark is
@@ -35,7 +38,7 @@
 # Environment:
 #   BENCH_DURATION=10s     measured duration per cell (wrk -d syntax)
 #   BENCH_WARMUP=2s        warm-up per cell (results discarded, errors still fail the run)
-#   BENCH_TARGETS="haproxy vllm-router llm-gateway llm-gateway-keys"
+#   BENCH_TARGETS="haproxy hyper-floor vllm-router llm-gateway llm-gateway-keys"
 #                          targets to compare with "direct" (see start_target_*)
 #   BENCH_VENV=DIR         virtualenv for vllm-router (default ~/.cache/llm-gateway-bench/venv)
 #   BENCH_VLLM_ROUTER=0.1.17      vllm-router version installed there
@@ -57,7 +60,7 @@ cd "$ROOT"
 
 DURATION=${BENCH_DURATION:-10s}
 WARMUP=${BENCH_WARMUP:-2s}
-read -r -a TARGETS <<<"${BENCH_TARGETS:-haproxy vllm-router llm-gateway llm-gateway-keys}"
+read -r -a TARGETS <<<"${BENCH_TARGETS:-haproxy hyper-floor vllm-router llm-gateway llm-gateway-keys}"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET_DIR/release/llm-gateway
 LUA=$ROOT/bench/chat.lua
@@ -247,6 +250,18 @@ EOF
     # -db: stay in the foreground (the recorded PID is haproxy's own).
     spawn haproxy haproxy -db -f "$WORK/haproxy.cfg"
     wait_http haproxy "http://127.0.0.1:$port/v1/models"
+    echo "http://127.0.0.1:$port/v1"
+}
+
+# The stack's floor: hyper in, hyper out, nothing else (examples/hyper_floor.rs), 2 threads.
+start_target_hyper-floor() {
+    local mock=$1 port hostport
+    port=$(free_port)
+    hostport=${mock#http://}
+    hostport=${hostport%%/*}
+    cargo build --release --example hyper_floor >&2
+    spawn hyper-floor "$TARGET_DIR/release/examples/hyper_floor" "127.0.0.1:$port" "$hostport" 2
+    wait_http hyper-floor "http://127.0.0.1:$port/v1/models"
     echo "http://127.0.0.1:$port/v1"
 }
 
@@ -546,6 +561,14 @@ peer_checks() {
                 'BEGIN { r = g / h;
                          printf "%s  %s: CPU per request at 32 connections, %s: %.1f µs = %.2fx haproxy (%.1f µs; target <= %gx)\n",
                          (r <= max ? "PASS" : "MISS"), t, m, g, r, h, max }'
+        done
+    fi
+    # Not a target: where the stack's own floor stands, to read the ratio above by.
+    if [[ -n ${CPU["hyper-floor|plain|32"]:-} && -n ${CPU["haproxy|plain|32"]:-} ]]; then
+        for mode in plain stream; do
+            awk -v t="$g" -v m="$mode" -v g="${CPU["$g|$mode|32"]}" -v f="${CPU["hyper-floor|$mode|32"]}" -v h="${CPU["haproxy|$mode|32"]}" \
+                'BEGIN { printf "INFO  %s: hyper-floor %.1f µs = %.2fx haproxy; %s %.2fx hyper-floor\n",
+                         m, f, f / h, t, g / f }'
         done
     fi
     if [[ -n ${RPS["vllm-router|plain|32"]:-} ]]; then
