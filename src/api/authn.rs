@@ -5,10 +5,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use crate::access::keys::{AuthFailure, KeyEntry};
 use crate::api::error::ApiError;
@@ -43,17 +41,15 @@ impl Caller {
     }
 }
 
-/// The middleware: authenticates, or answers 401 itself (the handler never runs).
-pub async fn authenticate(
-    State(state): State<Arc<AppState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+/// Authenticates `request` (run by `request_context::api_request`, the one layer of every
+/// API route): who the caller is, or why not (answered 401; the handler never runs). A path in
+/// [`PUBLIC`] needs no key (`None`: the handler runs without a [`Caller`]).
+pub fn authenticate(state: &AppState, request: &Request) -> Result<Option<Caller>, ApiError> {
     if PUBLIC.contains(&request.uri().path()) {
-        return next.run(request).await;
+        return Ok(None);
     }
-    let caller = match state.current().config.auth.mode {
-        AuthMode::Open => Caller::Open,
+    match state.current().config.auth.mode {
+        AuthMode::Open => Ok(Some(Caller::Open)),
         AuthMode::Keys => {
             let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
             let first = values.next();
@@ -62,25 +58,20 @@ pub async fn authenticate(
             } else {
                 state.keys.authenticate(first)
             };
-            match result {
-                Ok(key) => Caller::Key(key),
-                Err(failure) => {
-                    state.metrics.auth_failure(failure.label());
-                    let error = ApiError::Unauthorized(failure);
-                    if state.current().config.logging.access_log != AccessLog::Off {
-                        tracing::info!(
-                            target: "llm_gateway::access",
-                            path = request.uri().path(),
-                            status = 401,
-                            error = error.kind(),
-                            "request refused"
-                        );
-                    }
-                    return error.into_response();
+            result.map(|key| Some(Caller::Key(key))).map_err(|failure| {
+                state.metrics.auth_failure(failure.label());
+                let error = ApiError::Unauthorized(failure);
+                if state.current().config.logging.access_log != AccessLog::Off {
+                    tracing::info!(
+                        target: "llm_gateway::access",
+                        path = request.uri().path(),
+                        status = 401,
+                        error = error.kind(),
+                        "request refused"
+                    );
                 }
-            }
+                error
+            })
         }
-    };
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+    }
 }

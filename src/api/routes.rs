@@ -6,7 +6,7 @@ use axum::Router;
 use axum::http::Method;
 use axum::routing::{MethodRouter, get, post};
 
-use crate::api::{authn, request_context, status};
+use crate::api::{request_context, status};
 use crate::proxy;
 use crate::runtime::state::AppState;
 
@@ -14,7 +14,8 @@ use crate::runtime::state::AppState;
 pub type RouteEntry = (Method, &'static str, MethodRouter<Arc<AppState>>);
 
 /// Every route of the API listener (`/metrics` too unless it has its own listener). Each
-/// one is behind `authn::authenticate` unless its path is in `authn::PUBLIC`.
+/// one is behind `authn::authenticate` (in `request_context::api_request`) unless its path
+/// is in `authn::PUBLIC`.
 pub fn api_table(with_metrics: bool) -> Vec<RouteEntry> {
     let mut table = vec![
         (
@@ -46,9 +47,9 @@ pub fn api(state: Arc<AppState>, with_metrics: bool) -> Router {
         .method_not_allowed_fallback(status::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
-            authn::authenticate,
+            request_context::api_request,
         ));
-    finish(router, state)
+    router.with_state(state)
 }
 
 /// The separate metrics listener's routes.
@@ -56,12 +57,7 @@ pub fn metrics(state: Arc<AppState>) -> Router {
     let router = Router::new()
         .route("/metrics", get(status::metrics))
         .fallback(status::not_found)
-        .method_not_allowed_fallback(status::method_not_allowed);
-    finish(router, state)
-}
-
-fn finish(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
-    router
-        .layer(axum::middleware::from_fn(request_context::request_context))
-        .with_state(state)
+        .method_not_allowed_fallback(status::method_not_allowed)
+        .layer(axum::middleware::from_fn(request_context::metrics_request));
+    router.with_state(state)
 }
