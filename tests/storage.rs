@@ -414,7 +414,7 @@ async fn a_record_the_database_refuses_is_set_aside_and_the_rest_shipped(db: Db)
     // A spool left by an earlier run: one good record and one the schema refuses.
     {
         let spool = common::spool_in(dir.path());
-        let good = UsageRecord {
+        let good: UsageRecord = UsageRecord {
             id: "01900000-0000-7000-8000-000000000001".into(),
             request_id: "left-over".into(),
             backend: None,

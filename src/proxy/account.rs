@@ -110,28 +110,34 @@ impl Record {
             completion: 0,
             estimated: true,
         };
-        let record = self.usage_record(200, tokens, Outcome::Interrupted);
-        self.ledger_id = Some(record.id.clone());
+        let id = new_ledger_id();
+        let record = self
+            .usage_record(&id, 200, tokens, Outcome::Interrupted)
+            .map(|s| (*s).to_owned());
+        self.ledger_id = Some(id);
         Some(Provisional {
             ledger: Arc::clone(&self.state.ledger),
             record,
         })
     }
 
-    fn usage_record(&self, status: u16, t: Tokens, outcome: Outcome) -> UsageRecord {
+    /// The record of this request, its text borrowed from the request's state and `id`.
+    fn usage_record<'a>(
+        &'a self,
+        id: &'a str,
+        status: u16,
+        t: Tokens,
+        outcome: Outcome,
+    ) -> UsageRecord<&'a str> {
         UsageRecord {
-            // Time-ordered, so the primary key index grows at its end instead of touching
-            // random pages (and writing their full images to the WAL).
-            id: self
-                .ledger_id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-            request_id: String::from_utf8_lossy(self.request_id.as_bytes()).into_owned(),
+            id,
+            // Always visible ASCII (`request_context::acceptable`, or a UUID).
+            request_id: self.request_id.to_str().unwrap_or("invalid"),
             ts_ms: now_ms(),
-            key_id: self.key.as_ref().map(|k| k.id.to_string()),
-            model: self.model.as_deref().map(str::to_owned),
-            backend: self.backend.as_deref().map(str::to_owned),
-            endpoint: self.endpoint.label().to_owned(),
+            key_id: self.key.as_ref().map(|k| &*k.id),
+            model: self.model.as_deref(),
+            backend: self.backend.as_deref(),
+            endpoint: self.endpoint.label(),
             status,
             // A backend may report absurd counts; sums over them must not overflow.
             prompt_tokens: t.prompt.min(MAX_RECORDED_TOKENS),
@@ -140,7 +146,7 @@ impl Record {
             latency_us: micros(self.started.elapsed()),
             ttft_us: self.ttft.map(micros),
             client_disconnected: outcome == Outcome::ClientDisconnected,
-            instance_id: self.state.instance_id.to_string(),
+            instance_id: &self.state.instance_id,
             outcome,
         }
     }
@@ -163,9 +169,16 @@ impl Record {
             limiter.settle(estimated, t.prompt.saturating_add(t.completion));
         }
         if self.ledgered {
+            // Time-ordered, so the primary key index grows at its end instead of touching
+            // random pages (and writing their full images to the WAL).
+            let mut buf = uuid::Uuid::encode_buffer();
+            let id = match &self.ledger_id {
+                Some(id) => id.as_str(),
+                None => uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf),
+            };
             self.state
                 .ledger
-                .append(&self.usage_record(status, t, outcome));
+                .append(&self.usage_record(id, status, t, outcome));
         }
         self.state.metrics.record_request(&RequestSample {
             endpoint: self.endpoint.label(),
@@ -207,6 +220,11 @@ impl Record {
     }
 }
 
+/// A new time-ordered ledger id (UUID v7).
+fn new_ledger_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(I64_MAX).min(I64_MAX)
 }
@@ -221,6 +239,6 @@ pub(crate) struct Provisional {
 impl Provisional {
     /// Spools it: call before the stream's first bytes go out.
     pub(crate) fn write(self) {
-        self.ledger.append_begin(&self.record);
+        self.ledger.append_begin(&self.record.map(String::as_str));
     }
 }

@@ -7,23 +7,27 @@ use sqlx::Row;
 
 use super::{Store, StoreError, with_pool};
 
-/// One request's usage, as spooled and as stored.
+/// One request's usage, as spooled and as stored. `S` is the type of its text fields:
+/// owned (`String`, the default) wherever records are kept, borrowed (`&str`) where one is
+/// written into the spool straight from the request's own state, so the request path
+/// allocates no text for it (both encode to the same bytes; `storage/ledger/record.rs`
+/// tests that).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UsageRecord {
+pub struct UsageRecord<S = String> {
     /// The ledger's own id (UUID): re-shipping the same record inserts nothing.
-    pub id: String,
+    pub id: S,
     /// The request id the client saw (`x-request-id`).
-    pub request_id: String,
+    pub request_id: S,
     /// When the request finished (Unix ms).
     pub ts_ms: i64,
     /// The API key's id; `None` in open mode.
-    pub key_id: Option<String>,
+    pub key_id: Option<S>,
     /// Public model name, when the request named a known one.
-    pub model: Option<String>,
+    pub model: Option<S>,
     /// Backend of the last attempt.
-    pub backend: Option<String>,
+    pub backend: Option<S>,
     /// `chat_completions`, `completions` or `embeddings`.
-    pub endpoint: String,
+    pub endpoint: S,
     /// HTTP status sent (499: the client left first).
     pub status: u16,
     /// Prompt tokens.
@@ -39,10 +43,35 @@ pub struct UsageRecord {
     /// The client went away before the end.
     pub client_disconnected: bool,
     /// Instance that served it.
-    pub instance_id: String,
+    pub instance_id: S,
     /// How the response ended (records spooled by older versions have none: complete).
     #[serde(default)]
     pub outcome: Outcome,
+}
+
+impl<S> UsageRecord<S> {
+    /// The same record with each text field passed through `f` (borrowed with
+    /// `String::as_str`, owned with `str::to_owned`).
+    pub fn map<'a, T>(&'a self, f: impl Fn(&'a S) -> T) -> UsageRecord<T> {
+        UsageRecord {
+            id: f(&self.id),
+            request_id: f(&self.request_id),
+            ts_ms: self.ts_ms,
+            key_id: self.key_id.as_ref().map(&f),
+            model: self.model.as_ref().map(&f),
+            backend: self.backend.as_ref().map(&f),
+            endpoint: f(&self.endpoint),
+            status: self.status,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            estimated: self.estimated,
+            latency_us: self.latency_us,
+            ttft_us: self.ttft_us,
+            client_disconnected: self.client_disconnected,
+            instance_id: f(&self.instance_id),
+            outcome: self.outcome,
+        }
+    }
 }
 
 /// How a response ended, as the ledger keeps it.
@@ -159,8 +188,11 @@ static SQLITE_INSERTS: LazyLock<[String; 3]> = LazyLock::new(|| {
 /// first, so that a final record replaces its provisional one whatever their order in
 /// `rows`; then the finals' count of changed rows is the number of new final records
 /// (without `RETURNING`, which made each row about a fifth dearer). Returns that number.
-async fn insert_sqlite(pool: &sqlx::SqlitePool, rows: &[UsageRecord]) -> Result<u64, StoreError> {
-    let (provisional, finals): (Vec<&UsageRecord>, Vec<&UsageRecord>) =
+async fn insert_sqlite<S: AsRef<str>>(
+    pool: &sqlx::SqlitePool,
+    rows: &[UsageRecord<S>],
+) -> Result<u64, StoreError> {
+    let (provisional, finals): (Vec<&UsageRecord<S>>, Vec<&UsageRecord<S>>) =
         rows.iter().partition(|r| r.outcome == Outcome::Interrupted);
     let mut tx = pool.begin().await?;
     insert_sqlite_rows(&mut tx, &provisional).await?;
@@ -170,9 +202,9 @@ async fn insert_sqlite(pool: &sqlx::SqlitePool, rows: &[UsageRecord]) -> Result<
 }
 
 /// Inserts `rows` in chunks of `SQLITE_CHUNKS`' sizes; returns the rows changed.
-async fn insert_sqlite_rows(
+async fn insert_sqlite_rows<S: AsRef<str>>(
     tx: &mut sqlx::SqliteConnection,
-    rows: &[&UsageRecord],
+    rows: &[&UsageRecord<S>],
 ) -> Result<u64, StoreError> {
     let mut changed = 0;
     let mut rest = rows;
@@ -191,13 +223,13 @@ async fn insert_sqlite_rows(
                 i64::try_from(v).map_err(|_| StoreError::Unstorable(format!("{what} {v}")))
             };
             query = query
-                .bind(r.id.as_str())
-                .bind(r.request_id.as_str())
+                .bind(r.id.as_ref())
+                .bind(r.request_id.as_ref())
                 .bind(r.ts_ms)
-                .bind(r.key_id.as_deref())
-                .bind(r.model.as_deref())
-                .bind(r.backend.as_deref())
-                .bind(r.endpoint.as_str())
+                .bind(r.key_id.as_ref().map(AsRef::as_ref))
+                .bind(r.model.as_ref().map(AsRef::as_ref))
+                .bind(r.backend.as_ref().map(AsRef::as_ref))
+                .bind(r.endpoint.as_ref())
                 .bind(i64::from(r.status))
                 .bind(int(r.prompt_tokens, "prompt_tokens")?)
                 .bind(int(r.completion_tokens, "completion_tokens")?)
@@ -205,7 +237,7 @@ async fn insert_sqlite_rows(
                 .bind(int(r.latency_us, "latency_us")?)
                 .bind(r.ttft_us.map(|t| int(t, "ttft_us")).transpose()?)
                 .bind(r.client_disconnected)
-                .bind(r.instance_id.as_str())
+                .bind(r.instance_id.as_ref())
                 .bind(r.outcome.as_str());
         }
         changed += query.execute(&mut *tx).await?.rows_affected();
@@ -220,7 +252,10 @@ impl Store {
     /// Inserts `records`; rows already present (same `id`) are skipped, except that a final
     /// record replaces a stream's provisional one. Returns how many final records were new.
     /// SQLite binds them as columns; PostgreSQL gets them as one JSON array.
-    pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<u64, StoreError> {
+    pub async fn insert_usage<S: AsRef<str> + Serialize + Sync>(
+        &self,
+        records: &[UsageRecord<S>],
+    ) -> Result<u64, StoreError> {
         match self {
             Self::Sqlite(pool) => insert_sqlite(pool, records).await,
             Self::Postgres(_) => {

@@ -150,18 +150,18 @@ impl Ledger {
     /// Appends a finished request's record (a single write to the spool file; it survives a
     /// crash of the process as soon as this returns). When the spool cannot take it: held in
     /// memory and retried (`reject`), or dropped and counted (`drop`).
-    pub fn append(&self, record: &UsageRecord) {
+    pub fn append(&self, record: &UsageRecord<&str>) {
         self.write(record, Frame::Final);
     }
 
     /// Appends a stream's provisional record when its first byte goes out: if the process
     /// dies before the stream ends, this is the row that remains (outcome `interrupted`).
     /// Best effort: one that cannot be written is not held.
-    pub fn append_begin(&self, record: &UsageRecord) {
+    pub fn append_begin(&self, record: &UsageRecord<&str>) {
         self.write(record, Frame::Begin);
     }
 
-    fn write(&self, record: &UsageRecord, frame: Frame) {
+    fn write(&self, record: &UsageRecord<&str>, frame: Frame) {
         let mut bytes = Vec::with_capacity(RECORD_CAPACITY);
         if let Err(e) = record::encode(record, &mut bytes) {
             tracing::error!(error = %e, "cannot encode usage record");
@@ -186,7 +186,7 @@ impl Ledger {
                     Frame::Begin => {
                         tracing::warn!(error = %e, request_id = %record.request_id, "stream start not recorded in the spool");
                     }
-                    Frame::Final => self.hold_or_drop(bytes, &e, &record.request_id),
+                    Frame::Final => self.hold_or_drop(bytes, &e, record.request_id),
                 }
             }
         }

@@ -10,6 +10,8 @@
 //! order: changing either needs a new tag (the test `the_binary_layout_is_fixed` fails
 //! first).
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
 use crate::storage::database::usage_rows::UsageRecord;
@@ -28,7 +30,10 @@ pub enum NotARecord {
 }
 
 /// Appends `record`'s bytes to `out`.
-pub fn encode(record: &UsageRecord, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+pub fn encode<S: serde::Serialize>(
+    record: &UsageRecord<S>,
+    out: &mut Vec<u8>,
+) -> Result<(), postcard::Error> {
     out.push(TAG_V1);
     let body = postcard::to_extend(record, std::mem::take(out))?;
     *out = body;
@@ -55,6 +60,18 @@ pub fn decode(raw: &[u8]) -> Result<UsageRecord, NotARecord> {
             NotARecord::Unreadable
         }
     })
+}
+
+/// Reads one spooled record without copying its text where it can: a binary record's text
+/// is borrowed from `raw`, a JSON one's (which may hold escapes) is owned.
+pub fn decode_borrowed(raw: &[u8]) -> Result<UsageRecord<Cow<'_, str>>, NotARecord> {
+    if is_binary(raw) {
+        return match postcard::take_from_bytes::<UsageRecord<&str>>(&raw[1..]) {
+            Ok((record, [])) => Ok(record.map(|s| Cow::Borrowed(*s))),
+            _ => Err(NotARecord::Unreadable),
+        };
+    }
+    decode(raw).map(|r| r.map(|s| Cow::Owned(s.clone())))
 }
 
 /// The record as one JSON object (what `rejected.jsonl` and PostgreSQL take): JSON records
@@ -120,6 +137,26 @@ mod tests {
         assert_eq!(ts_ms(&raw), Some(r.ts_ms));
         let json: UsageRecord = serde_json::from_slice(&to_json(&raw).unwrap()).unwrap();
         assert_eq!(json, r);
+    }
+
+    #[test]
+    fn a_borrowed_record_is_spooled_as_its_owned_form() {
+        // The request path encodes `UsageRecord<&str>`; the shipper decodes `UsageRecord`.
+        let r = sample();
+        let mut borrowed = Vec::new();
+        encode(&r.map(String::as_str), &mut borrowed).unwrap();
+        assert_eq!(borrowed, encoded(&r));
+        assert_eq!(r.map(String::as_str).map(|s| (*s).to_owned()), r);
+        // And read back borrowed (binary) or owned (JSON), the same record either way.
+        let back = decode_borrowed(&borrowed).unwrap();
+        assert!(matches!(back.id, Cow::Borrowed(_)));
+        assert_eq!(back.map(|s| s.to_string()), r);
+        let json = serde_json::to_vec(&r).unwrap();
+        assert_eq!(decode_borrowed(&json).unwrap().map(|s| s.to_string()), r);
+        assert!(matches!(
+            decode_borrowed(&borrowed[..5]),
+            Err(NotARecord::Unreadable)
+        ));
     }
 
     #[test]

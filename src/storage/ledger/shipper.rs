@@ -342,17 +342,20 @@ async fn insert_batch(
     }
 }
 
+/// Records decoded for the database, their text borrowed from the spool's bytes.
+type Decoded<'a> = Vec<UsageRecord<Cow<'a, str>>>;
+
 /// Decodes records for the database, skipping any that cannot be read (counted as
 /// unreadable) and a stream's provisional record when its final record is in the same
 /// batch. JSON that is not a usage record refuses the batch (`Unstorable`): the shipper
 /// then ships record by record and sets that one aside.
 fn decode_batch<'a>(
     records: impl Iterator<Item = &'a [u8]>,
-) -> Result<(Vec<UsageRecord>, u64), StoreError> {
+) -> Result<(Decoded<'a>, u64), StoreError> {
     let mut rows = Vec::new();
     let mut unreadable = 0;
     for raw in records {
-        match record::decode(raw) {
+        match record::decode_borrowed(raw) {
             Ok(row) => rows.push(row),
             Err(NotARecord::ForeignJson(e)) => return Err(StoreError::Unstorable(e.to_string())),
             Err(NotARecord::Unreadable) => {
@@ -366,17 +369,17 @@ fn decode_batch<'a>(
     let provisional: std::collections::HashSet<&str> = rows
         .iter()
         .filter(|r| r.outcome == Outcome::Interrupted)
-        .map(|r| r.id.as_str())
+        .map(|r| &*r.id)
         .collect();
     if provisional.is_empty() {
         return Ok((rows, unreadable));
     }
     let superseded: std::collections::HashSet<String> = rows
         .iter()
-        .filter(|r| r.outcome != Outcome::Interrupted && provisional.contains(r.id.as_str()))
-        .map(|r| r.id.clone())
+        .filter(|r| r.outcome != Outcome::Interrupted && provisional.contains(&*r.id))
+        .map(|r| r.id.to_string())
         .collect();
-    rows.retain(|r| r.outcome != Outcome::Interrupted || !superseded.contains(&r.id));
+    rows.retain(|r| r.outcome != Outcome::Interrupted || !superseded.contains(&*r.id));
     Ok((rows, unreadable))
 }
 
@@ -469,7 +472,7 @@ mod tests {
     use crate::storage::database::usage_rows::{Outcome, UsageRecord};
 
     fn record(id: &str, outcome: Outcome) -> Vec<u8> {
-        let r = UsageRecord {
+        let r: UsageRecord = UsageRecord {
             id: id.into(),
             request_id: "r".into(),
             ts_ms: 1,
@@ -500,7 +503,7 @@ mod tests {
         ];
         let (rows, unreadable) = decode_batch(batch.iter().map(Vec::as_slice)).unwrap();
         assert_eq!(unreadable, 1);
-        let kept: Vec<(&str, Outcome)> = rows.iter().map(|r| (r.id.as_str(), r.outcome)).collect();
+        let kept: Vec<(&str, Outcome)> = rows.iter().map(|r| (&*r.id, r.outcome)).collect();
         assert_eq!(
             kept,
             [("b", Outcome::Interrupted), ("a", Outcome::Complete)]
@@ -531,7 +534,7 @@ mod tests {
         ];
         let (rows, unreadable) = decode_batch(batch.iter().map(Vec::as_slice)).unwrap();
         assert_eq!(unreadable, 1);
-        let kept: Vec<(&str, Outcome)> = rows.iter().map(|r| (r.id.as_str(), r.outcome)).collect();
+        let kept: Vec<(&str, Outcome)> = rows.iter().map(|r| (&*r.id, r.outcome)).collect();
         assert_eq!(
             kept,
             [
@@ -544,6 +547,7 @@ mod tests {
         let (array, unreadable) = json_array(batch.iter().map(Vec::as_slice));
         assert_eq!(unreadable, 1);
         let shipped: Vec<UsageRecord> = serde_json::from_str(&array).unwrap();
+        let rows: Vec<UsageRecord> = rows.iter().map(|r| r.map(|s| s.to_string())).collect();
         assert_eq!(shipped, rows);
     }
 
