@@ -413,9 +413,11 @@ async fn a_connection_that_sends_nothing_is_closed() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_and_upstream_cancelled() {
-    // ~18 MB of events: more than the socket buffers on both sides can hold.
+    // More events than the socket buffers on the way can hold, or the mock would finish
+    // into them and never see the cancel: the receive side autotunes up to tcp_rmem's
+    // maximum (32 MiB on these machines; a fixed 18 MB stream fit in it under load).
     let up = mock_with(MockBehavior {
-        chunks: 100_000,
+        chunks: chunks_beyond_socket_buffers(),
         ..Default::default()
     })
     .await;
@@ -436,6 +438,19 @@ async fn a_client_that_stops_reading_is_disconnected_and_upstream_cancelled() {
     .await;
     assert_eq!(health(&gw).await["backends"][0]["in_flight"], 0);
     drop(s);
+}
+
+/// How many of the mock's stream events (each over 150 bytes) are more than twice what
+/// the kernel's TCP buffers can hold, both directions' maxima summed.
+fn chunks_beyond_socket_buffers() -> usize {
+    let max = |path: &str| -> usize {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+            .unwrap_or(32 << 20)
+    };
+    let buffers = max("/proc/sys/net/ipv4/tcp_rmem") + max("/proc/sys/net/ipv4/tcp_wmem");
+    2 * buffers / 150
 }
 
 /// A request head over `server.max_header_bytes` gets 431, so a connection cannot make the
