@@ -13,14 +13,14 @@
 #   - "llm-gateway": wrk -> llm-gateway -> mock   (open mode, ledger on SQLite)
 #   - "llm-gateway-keys": the default configuration: API keys required (one key, no
 #                    limits), ledger on SQLite
+#   - "hyper-floor": examples/hyper_floor.rs, the cheapest reverse proxy the gateway's own
+#                    stack makes (tokio + hyper server + hyper client, one runtime per thread,
+#                    2 threads, no logic at all): how much of the gateway's CPU the stack costs
 # and, when listed in BENCH_TARGETS:
 #   - "llm-gateway-nostorage": the gateway as of BENCH_BASELINE_REV, before it had keys,
 #                    limits and a ledger (built from git into its own target dir)
 #   - "llm-gateway-before": the gateway at commit BENCH_BEFORE_REV, configured as
 #                    "llm-gateway" (a change's before/after in one run)
-#   - "hyper-floor": examples/hyper_floor.rs, the cheapest reverse proxy the gateway's own
-#                    stack makes (tokio + hyper server + hyper client, one runtime per thread,
-#                    2 threads, no logic at all): how much of the gateway's CPU the stack costs
 #   - "llm-gateway-pg": API keys required (one key, no limits) and the usage ledger on a
 #                    throwaway PostgreSQL server (unix socket) started by this script
 # The storage benchmark is

@@ -779,6 +779,23 @@ async fn keys_are_required_by_default() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(health(&gw).await["database"]["auth"], "keys");
+    // A refusal still carries the request id, and a wrong method on a known path is
+    // refused for the key first (401, not 405): the key check wraps every route.
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", "refused-1")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["x-request-id"], "refused-1");
+    let r = client()
+        .get(gw.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }
 
 /// Every route the router knows is behind the key check, except the public ones; a route

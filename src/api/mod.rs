@@ -1,7 +1,7 @@
 //! The API surface: the route table (`routes.rs`), the request id and span every request
-//! gets first (`request_context.rs`) with the rules of HTTP itself (`http_rules.rs`), the one
-//! authentication layer in front of every route, with its short public allowlist
-//! (`authn.rs`), the status endpoints (`/health`, `/ready`, `/metrics`,
+//! gets first (`request_context.rs`, the one layer in front of every route) with the rules
+//! of HTTP itself (`http_rules.rs`) and, on the API listener, the key check with its short
+//! public allowlist (`authn.rs`), the status endpoints (`/health`, `/ready`, `/metrics`,
 //! `/v1/models`: `status.rs`), the one place errors become
 //! OpenAI-style JSON (`error.rs`) and what of a backend's error may be shown
 //! (`upstream_error.rs`). The proxied endpoints themselves live in `proxy/`.

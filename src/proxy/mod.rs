@@ -78,7 +78,8 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         .get::<RequestId>()
         .map(|id| id.0.clone())
         .unwrap_or(HeaderValue::from_static("-"));
-    // Set by `authn::authenticate`, which every API route is behind.
+    // Set by `request_context::api_request` (from `authn::authenticate`), which every API
+    // route is behind.
     let key = request
         .extensions()
         .get::<Caller>()

@@ -8,10 +8,11 @@ use sqlx::Row;
 use super::{Store, StoreError, with_pool};
 
 /// One request's usage, as spooled and as stored. `S` is the type of its text fields:
-/// owned (`String`, the default) wherever records are kept, borrowed (`&str`) where one is
+/// owned (`String`, the default) wherever records are kept; borrowed (`&str`) where one is
 /// written into the spool straight from the request's own state, so the request path
 /// allocates no text for it (both encode to the same bytes; `storage/ledger/record.rs`
-/// tests that).
+/// tests that); `Cow` where the shipper reads a batch (binary records borrowed from the
+/// spool's bytes, JSON ones of earlier versions owned).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord<S = String> {
     /// The ledger's own id (UUID): re-shipping the same record inserts nothing.

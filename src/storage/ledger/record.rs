@@ -141,7 +141,8 @@ mod tests {
 
     #[test]
     fn a_borrowed_record_is_spooled_as_its_owned_form() {
-        // The request path encodes `UsageRecord<&str>`; the shipper decodes `UsageRecord`.
+        // The request path encodes `UsageRecord<&str>`; older code and the tests decode
+        // `UsageRecord`, the shipper `decode_borrowed`.
         let r = sample();
         let mut borrowed = Vec::new();
         encode(&r.map(String::as_str), &mut borrowed).unwrap();

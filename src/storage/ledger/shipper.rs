@@ -342,7 +342,8 @@ async fn insert_batch(
     }
 }
 
-/// Records decoded for the database, their text borrowed from the spool's bytes.
+/// Records decoded for the database: a binary record's text borrowed from the spool's
+/// bytes, a JSON one's (earlier versions) owned.
 type Decoded<'a> = Vec<UsageRecord<Cow<'a, str>>>;
 
 /// Decodes records for the database, skipping any that cannot be read (counted as
