@@ -44,8 +44,8 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 
 impl Store {
     /// Connects to the configured database (creating a SQLite file and the state directory
-    /// when needed) without migrating.
-    pub async fn connect(config: &Config) -> Result<Self, StoreError> {
+    /// when needed) without migrating; `open` serialises this for SQLite.
+    async fn connect(config: &Config) -> Result<Self, StoreError> {
         let url = config.database_url();
         let st = &config.storage;
         if url.starts_with("sqlite:") {
@@ -55,14 +55,7 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5));
-            if let Some(parent) = options.get_filename().parent()
-                && !parent.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(parent).map_err(|source| StoreError::StateDir {
-                    path: parent.display().to_string(),
-                    source,
-                })?;
-            }
+            create_parent(options.get_filename())?;
             Ok(Self::Sqlite(pool(st, options, &url).await?))
         } else {
             let mut options =
@@ -85,20 +78,23 @@ impl Store {
 
     /// Connects and applies the embedded migrations.
     pub async fn open(config: &Config) -> Result<Self, StoreError> {
-        let store = Self::connect(config).await?;
         let url = config.database_url();
-        // SQLite has no migration lock of its own: two processes opening a fresh file at
-        // once (the service and `keys create`) would both create the tables.
-        let _lock = match &store {
-            Self::Sqlite(_) => {
-                let path = SqliteConnectOptions::from_str(&url)
-                    .map_err(|e| StoreError::Url(e.to_string()))?
-                    .get_filename()
-                    .with_extension("migrate-lock");
-                Some(lock_file(path).await?)
-            }
-            Self::Postgres(_) => None,
+        // Two processes opening one fresh SQLite file at once (the service and `keys
+        // create`) race twice: their first connections both try to switch the new file to
+        // WAL, which SQLite refuses at once to all but one ("database is locked", no busy
+        // wait), and SQLite has no migration lock, so both would create the tables. A file
+        // lock held from the first connection to the last migration serialises them.
+        let _lock = if url.starts_with("sqlite:") {
+            let path = SqliteConnectOptions::from_str(&url)
+                .map_err(|e| StoreError::Url(e.to_string()))?
+                .get_filename()
+                .with_extension("migrate-lock");
+            create_parent(&path)?;
+            Some(lock_file(path).await?)
+        } else {
+            None
         };
+        let store = Self::connect(config).await?;
         store.migrate(&url).await?;
         Ok(store)
     }
@@ -160,6 +156,19 @@ async fn pool<DB: sqlx::Database>(
             url: url.to_owned(),
             source,
         })
+}
+
+/// Creates the directory `path` is in (the state directory), if it is missing.
+fn create_parent(path: &std::path::Path) -> Result<(), StoreError> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::StateDir {
+                path: parent.display().to_string(),
+                source,
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Opens `path` and waits for an exclusive lock on it; released when the file is dropped.
