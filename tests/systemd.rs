@@ -475,6 +475,57 @@ async fn an_invalid_configuration_on_sighup_leaves_the_running_one_in_effect() {
     );
 }
 
+/// Series labelled with a model or a backend that a reload removed are forgotten (a
+/// dashboard would show them forever, at their last value); the others keep counting.
+#[tokio::test]
+async fn a_reload_forgets_the_series_of_removed_models_and_backends() {
+    let m = Manager::new().await;
+    let extra = format!(
+        "{}{}",
+        common::backend("gone-b", &m._up.base_url(), ""),
+        common::model("gone-m", &["gone-b"])
+    );
+    std::fs::write(&m.config, format!("{}{extra}", m.toml)).unwrap();
+    let g = m.start(&[]);
+    until(&m.sock, "READY=1").await;
+    for model in ["m", "gone-m"] {
+        for stream in [false, true] {
+            let r = client()
+                .post(g.at("/v1/chat/completions"))
+                .json(&serde_json::json!({"model": model, "stream": stream,
+                    "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }
+    }
+    let before = get_text(g.at("/metrics")).await;
+    assert!(before.contains("\"gone-m\""), "{before}");
+    assert!(before.contains("\"gone-b\""), "{before}");
+
+    std::fs::write(&m.config, &m.toml).unwrap();
+    g.signal(Signal::SIGHUP);
+    until(&m.sock, "RELOADING=1").await;
+    let (ready, _) = until(&m.sock, "READY=1").await;
+    assert!(!ready.contains("RELOAD"), "{ready}");
+
+    let after = get_text(g.at("/metrics")).await;
+    let stale: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("\"gone-m\"") || l.contains("\"gone-b\""))
+        .collect();
+    assert!(stale.is_empty(), "series of removed routes: {stale:#?}");
+    let kept = "llm_gateway_requests_total{endpoint=\"chat_completions\",model=\"m\",backend=\"b0\",status=\"200\"}";
+    assert_eq!(common::metric(&after, kept), Some(2.0), "{after}");
+    assert_eq!(
+        common::metric(&after, "llm_gateway_backend_up{backend=\"b0\"}"),
+        Some(1.0),
+        "{after}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_notify_drains_streams_refuses_new_connections_and_keeps_the_ledger() {
     let m = Manager::new().await;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::json;
@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::api::authn::Caller;
 use crate::api::error::ApiError;
 use crate::config::AuthMode;
+use crate::runtime::metrics::Format;
 use crate::runtime::state::AppState;
 use crate::storage::database::now_ms;
 use crate::upstream::Health;
@@ -101,14 +102,14 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// `GET /metrics`: Prometheus text format.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+/// `GET /metrics`: OpenMetrics when the scraper asks for it (Prometheus does), Prometheus
+/// text 0.0.4 otherwise.
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(&state.current().backends),
+        [(header::CONTENT_TYPE, format.content_type())],
+        state.metrics.render(&state.current(), format),
     )
         .into_response()
 }

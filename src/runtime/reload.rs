@@ -158,15 +158,13 @@ async fn apply(
         set(&next.config.logging.level).map_err(ReloadError::LogLevel)?;
     }
     let previous = state.replace(next);
-    // Requests that started before keep `previous` (and its backends) until they end.
+    // Requests that started before keep `previous` (and its backends) until they end; the
+    // series of what this configuration dropped are forgotten.
+    drop(previous);
     let current = state.current();
-    for gone in previous
-        .backends
-        .iter()
-        .filter(|old| !current.backends.iter().any(|b| b.name == old.name))
-    {
-        state.metrics.forget_backend(&gone.name);
-    }
+    state
+        .metrics
+        .retain_routes(&current.model_order, &current.backends);
     Ok(restart_needed)
 }
 

@@ -1,8 +1,10 @@
 //! Test support: a gateway on port 0 in this process, the gateway binary as a child
-//! process (`process.rs`), mock upstreams, and waiting helpers.
+//! process (`process.rs`), mock upstreams, the Prometheus tools (`prometheus.rs`), and
+//! waiting helpers.
 #![allow(dead_code, reason = "each test crate uses a subset")]
 pub mod pg;
 pub mod process;
+pub mod prometheus;
 pub mod tmpfs;
 
 use std::net::SocketAddr;

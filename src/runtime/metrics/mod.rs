@@ -1,7 +1,9 @@
 //! Prometheus metrics: one registry per gateway instance, labels only from fixed sets
-//! (`labels.rs`).
+//! (`labels.rs`); series of models and backends a reload removed are dropped (`series.rs`).
 
 mod labels;
+mod series;
+mod text;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +14,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 
+use crate::runtime::state::Configured;
 use crate::upstream::{Backend, Health};
 use labels::{
     BackendLabels, BuildLabels, Label, ModelLabels, ReasonLabels, RequestLabels, ResultLabels,
     TokenLabels, UpstreamErrorLabels,
 };
+use series::Series;
+pub use text::Format;
 
 /// Label value for requests that matched no configured model or reached no backend.
 pub const NONE: &str = "none";
@@ -37,18 +42,19 @@ fn add<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -
 /// All metrics of one gateway.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
-    ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
-    tokens: Family<TokenLabels, Counter>,
-    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    requests: Series<RequestLabels, Counter>,
+    duration: Series<ModelLabels, Histogram>,
+    ttft: Series<ModelLabels, Histogram>,
+    tokens: Series<TokenLabels, Counter>,
+    upstream_errors: Series<UpstreamErrorLabels, Counter>,
     in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
     connections_open: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Times an accept loop stopped at `server.max_connections`.
     pub connection_limit_reached: Counter,
-    backend_up: Family<BackendLabels, Gauge>,
-    backend_ejected: Family<BackendLabels, Gauge>,
-    backend_in_flight: Family<BackendLabels, Gauge>,
+    backend_up: Series<BackendLabels, Gauge>,
+    backend_ejected: Series<BackendLabels, Gauge>,
+    backend_in_flight: Series<BackendLabels, Gauge>,
+    model_backends_available: Series<ModelLabels, Gauge>,
     auth_failures: Family<ReasonLabels, Counter>,
     rate_limited: Family<ReasonLabels, Counter>,
     /// Failed reloads of the key table from the database.
@@ -75,8 +81,10 @@ pub struct LedgerMetrics {
     pub corrupt_frames: Counter,
     /// Unshipped bytes in the spool.
     pub spool_bytes: Gauge,
-    /// Age of the oldest unshipped record, in milliseconds (0 when caught up).
-    pub lag_ms: Gauge,
+    /// `ledger.spool_max_bytes`.
+    pub spool_max_bytes: Gauge,
+    /// Age of the oldest unshipped record, in seconds (0 when caught up).
+    pub lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,88 +108,108 @@ pub struct RequestSample<'a> {
 impl Metrics {
     /// Registers every metric with its help text, in the order `/metrics` lists them.
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("llm_gateway");
+        let mut root = Registry::default();
+        // The standard name (as the Go and Python clients export it), unprefixed: alert
+        // rules see restarts in its changes.
+        let start: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+        start.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        root.register(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds",
+            start,
+        );
+        let r = root.sub_registry_with_prefix("llm_gateway");
         Self {
             requests: add(
-                &mut r,
+                r,
                 "requests",
                 "Requests answered, by endpoint, model, backend and HTTP status",
-                Family::default(),
+                Series::default(),
             ),
             duration: add(
-                &mut r,
+                r,
                 "request_duration_seconds",
                 "Time from request arrival until the answer is ready (streams: until the last byte), by model",
-                Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+                Series::new(latency_histogram),
             ),
             ttft: add(
-                &mut r,
+                r,
                 "time_to_first_token_seconds",
                 "Streaming: time from request arrival to the first upstream bytes, by model",
-                Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+                Series::new(latency_histogram),
             ),
             tokens: add(
-                &mut r,
+                r,
                 "tokens",
                 "Tokens by model and kind (prompt, completion); includes estimates",
-                Family::default(),
+                Series::default(),
             ),
             upstream_errors: add(
-                &mut r,
+                r,
                 "upstream_errors",
                 "Failed upstream attempts by backend and kind",
-                Family::default(),
+                Series::default(),
             ),
             in_flight: add(
-                &mut r,
+                r,
                 "in_flight_requests",
                 "Proxied requests being handled now (streams included)",
                 Gauge::default(),
             ),
             backend_up: add(
-                &mut r,
+                r,
                 "backend_up",
                 "1 unless the health prober marked the backend unhealthy",
-                Family::default(),
+                Series::default(),
             ),
             backend_ejected: add(
-                &mut r,
+                r,
                 "backend_circuit_open",
                 "1 while the circuit breaker keeps traffic away from the backend",
-                Family::default(),
+                Series::default(),
             ),
             connections_open: add(
-                &mut r,
+                r,
                 "connections_open",
                 "Open client connections",
                 Gauge::default(),
             ),
             connection_limit_reached: add(
-                &mut r,
+                r,
                 "connection_limit_reached",
                 "Times the gateway stopped accepting connections at server.max_connections (new ones wait in the listen backlog)",
                 Counter::default(),
             ),
             backend_in_flight: add(
-                &mut r,
+                r,
                 "backend_in_flight_requests",
                 "Requests in flight per backend",
-                Family::default(),
+                Series::default(),
+            ),
+            model_backends_available: add(
+                r,
+                "model_backends_available",
+                "Backends of the model that can take traffic now (healthy, circuit not open); 0 means its requests fail",
+                Series::default(),
             ),
             auth_failures: add(
-                &mut r,
+                r,
                 "auth_failures",
                 "Requests refused with 401/403, by reason (missing, invalid, revoked, expired, model_not_allowed)",
                 Family::default(),
             ),
             rate_limited: add(
-                &mut r,
+                r,
                 "rate_limited",
                 "Requests refused with 429 by a key's limit (requests or tokens)",
                 Family::default(),
             ),
             key_refresh_failures: add(
-                &mut r,
+                r,
                 "key_refresh_failures",
                 "Failed reloads of the API key table from the database (the last table stays in use)",
                 Counter::default(),
@@ -192,7 +220,7 @@ impl Metrics {
                     drop(reloads.get_or_create(&ResultLabels { result }));
                 }
                 add(
-                    &mut r,
+                    r,
                     "config_reloads",
                     "Configuration reloads (SIGHUP), by result; a failed one leaves the previous configuration in effect",
                     reloads,
@@ -202,7 +230,7 @@ impl Metrics {
                 let ok = Gauge::default();
                 ok.set(1);
                 add(
-                    &mut r,
+                    r,
                     "config_last_reload_successful",
                     "1 when the last configuration reload succeeded (or none was attempted), 0 when it failed",
                     ok,
@@ -210,44 +238,50 @@ impl Metrics {
             },
             ledger: LedgerMetrics {
                 spooled: add(
-                    &mut r,
+                    r,
                     "ledger_records_spooled",
                     "Usage records appended to the local spool",
                     Counter::default(),
                 ),
                 written: add(
-                    &mut r,
+                    r,
                     "ledger_records_written",
                     "Usage records committed to the database",
                     Counter::default(),
                 ),
                 write_failures: add(
-                    &mut r,
+                    r,
                     "ledger_write_failures",
                     "Failed usage batch inserts (the records stay in the spool and are retried)",
                     Counter::default(),
                 ),
                 dropped: add(
-                    &mut r,
+                    r,
                     "ledger_records_dropped",
-                    "Usage records lost: the spool full or unwritable with on_full = \"drop\", held records at exit, a record refused by the database (set aside in rejected.jsonl), or one unreadable",
+                    "Usage records lost: the spool full or unwritable with ledger.on_full set to drop, held records at exit, a record refused by the database (set aside in rejected.jsonl), or one unreadable",
                     Counter::default(),
                 ),
                 corrupt_frames: add(
-                    &mut r,
+                    r,
                     "ledger_spool_corrupt_frames",
                     "Damaged or torn spool records skipped",
                     Counter::default(),
                 ),
                 spool_bytes: add(
-                    &mut r,
+                    r,
                     "ledger_spool_bytes",
                     "Bytes in usage spool files not yet deleted: unshipped records, plus shipped ones in segment files not yet rolled and deleted (up to 1 MiB, or ledger.segment_bytes if smaller)",
                     Gauge::default(),
                 ),
-                lag_ms: add(
-                    &mut r,
-                    "ledger_lag_milliseconds",
+                spool_max_bytes: add(
+                    r,
+                    "ledger_spool_max_bytes",
+                    "The spool size limit (ledger.spool_max_bytes): at it, ledger.on_full applies",
+                    Gauge::default(),
+                ),
+                lag_seconds: add(
+                    r,
+                    "ledger_lag_seconds",
                     "Age of the oldest usage record not yet in the database (0 when caught up)",
                     Gauge::default(),
                 ),
@@ -261,7 +295,7 @@ impl Metrics {
                     })
                     .set(1);
                 r.register("build_info", "Build information", build_info);
-                r
+                root
             },
         }
     }
@@ -269,44 +303,40 @@ impl Metrics {
     /// Counts one answered request.
     pub fn record_request(&self, s: &RequestSample<'_>) {
         let model = Label::of(s.model, &self.none);
-        self.requests
-            .get_or_create(&RequestLabels {
-                endpoint: s.endpoint,
-                model: model.clone(),
-                backend: Label::of(s.backend, &self.none),
-                status: s.status,
-            })
-            .inc();
+        let labels = RequestLabels {
+            endpoint: s.endpoint,
+            model: model.clone(),
+            backend: Label::of(s.backend, &self.none),
+            status: s.status,
+        };
+        self.requests.with(&labels, |c| c.inc());
         if s.model.is_none() {
             return;
         }
         let labels = ModelLabels { model };
         self.duration
-            .get_or_create(&labels)
-            .observe(s.duration.as_secs_f64());
+            .with(&labels, |h| h.observe(s.duration.as_secs_f64()));
         if let Some(ttft) = s.ttft {
-            self.ttft.get_or_create(&labels).observe(ttft.as_secs_f64());
+            self.ttft.with(&labels, |h| h.observe(ttft.as_secs_f64()));
         }
         if let Some(t) = s.tokens {
             for (kind, n) in [("prompt", t.prompt), ("completion", t.completion)] {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        model: labels.model.clone(),
-                        kind,
-                    })
-                    .inc_by(n);
+                let labels = TokenLabels {
+                    model: labels.model.clone(),
+                    kind,
+                };
+                self.tokens.with(&labels, |c| c.inc_by(n));
             }
         }
     }
 
     /// Counts one failed upstream attempt.
     pub fn upstream_error(&self, backend: &Arc<str>, kind: &'static str) {
-        self.upstream_errors
-            .get_or_create(&UpstreamErrorLabels {
-                backend: Label(Arc::clone(backend)),
-                kind,
-            })
-            .inc();
+        let labels = UpstreamErrorLabels {
+            backend: Label(Arc::clone(backend)),
+            kind,
+        };
+        self.upstream_errors.with(&labels, |c| c.inc());
     }
 
     /// Counts a request refused for authentication or permission.
@@ -332,14 +362,25 @@ impl Metrics {
         self.config_last_reload_ok.set(i64::from(ok));
     }
 
-    /// Drops the gauges of backends a reload removed.
-    pub fn forget_backend(&self, name: &Arc<str>) {
-        let labels = BackendLabels {
-            backend: Label(Arc::clone(name)),
-        };
-        self.backend_up.remove(&labels);
-        self.backend_ejected.remove(&labels);
-        self.backend_in_flight.remove(&labels);
+    /// Forgets every series of a model or backend that is not configured any more (after a
+    /// reload): they would stay at their last value forever. The `none` label stays.
+    pub fn retain_routes(&self, models: &[Arc<str>], backends: &[Arc<Backend>]) {
+        let model = |l: &Label| *l.0 == *NONE || models.iter().any(|m| **m == *l.0);
+        let backend = |l: &Label| *l.0 == *NONE || backends.iter().any(|b| *b.name == *l.0);
+        self.requests
+            .retain(|l| model(&l.model) && backend(&l.backend));
+        self.duration.retain(|l| model(&l.model));
+        self.ttft.retain(|l| model(&l.model));
+        self.model_backends_available.retain(|l| model(&l.model));
+        self.tokens.retain(|l| model(&l.model));
+        self.upstream_errors.retain(|l| backend(&l.backend));
+        for gauges in [
+            &self.backend_up,
+            &self.backend_ejected,
+            &self.backend_in_flight,
+        ] {
+            gauges.retain(|l| backend(&l.backend));
+        }
     }
 
     /// Proxied requests in flight now.
@@ -359,26 +400,46 @@ impl Metrics {
         InFlight(self.connections_open.clone())
     }
 
-    /// Prometheus text exposition, with backend gauges read fresh.
-    pub fn render(&self, backends: &[Arc<Backend>]) -> String {
-        for b in backends {
+    /// The exposition in `format`, with backend and model gauges read fresh.
+    pub fn render(&self, current: &Configured, format: Format) -> String {
+        let now = std::time::Instant::now();
+        for b in &current.backends {
             let labels = BackendLabels {
                 backend: Label(Arc::clone(&b.name)),
             };
-            self.backend_up
-                .get_or_create(&labels)
-                .set(i64::from(b.health() != Health::Unhealthy));
-            self.backend_ejected.get_or_create(&labels).set(i64::from(
-                b.breaker_state() == crate::upstream::breaker::BreakerState::Open,
-            ));
-            self.backend_in_flight
-                .get_or_create(&labels)
-                .set(i64::try_from(b.in_flight()).unwrap_or(i64::MAX));
+            self.backend_up.with(&labels, |g| {
+                g.set(i64::from(b.health() != Health::Unhealthy))
+            });
+            let open = b.breaker_state() == crate::upstream::breaker::BreakerState::Open;
+            self.backend_ejected
+                .with(&labels, |g| g.set(i64::from(open)));
+            let in_flight = i64::try_from(b.in_flight()).unwrap_or(i64::MAX);
+            self.backend_in_flight.with(&labels, |g| g.set(in_flight));
         }
+        for model in current.models.values() {
+            let usable = model
+                .routes
+                .iter()
+                .filter(|r| r.backend.is_usable(now))
+                .count();
+            let labels = ModelLabels {
+                model: Label(Arc::clone(&model.name)),
+            };
+            self.model_backends_available.with(&labels, |g| {
+                g.set(i64::try_from(usable).unwrap_or(i64::MAX))
+            });
+        }
+        self.render_registry(format)
+    }
+
+    fn render_registry(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text004 => text::to_text_004(&out),
+        }
     }
 }
 
@@ -395,5 +456,26 @@ pub struct InFlight(Gauge<i64, std::sync::atomic::AtomicI64>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Format, Metrics};
+
+    /// The formats escape `\\` and `"` in help texts differently (and prometheus-client
+    /// escapes nothing there): no help text may hold them, nor a line break.
+    #[test]
+    fn help_texts_need_no_escaping() {
+        let text = Metrics::new().render_registry(Format::OpenMetrics);
+        let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+        assert!(helps.len() >= 10, "{text}");
+        assert!(
+            text.contains("# HELP llm_gateway_ledger_records_dropped "),
+            "{text}"
+        );
+        for help in helps {
+            assert!(!help.contains(['\\', '"']), "{help}");
+        }
     }
 }

@@ -13,7 +13,7 @@ pub(crate) mod spool;
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
@@ -41,6 +41,9 @@ pub struct Ledger {
     pending: AtomicUsize,
     wake: Notify,
     db_ok: AtomicBool,
+    /// Age of the oldest unshipped record as last measured, in ms (for `/health`; the
+    /// metric is in seconds).
+    lag_ms: AtomicI64,
     /// The last write to the spool failed (full disk, I/O error, read-only directory).
     unwritable: AtomicBool,
     /// Records the spool could not take yet (`reject` policy), oldest first.
@@ -100,6 +103,7 @@ impl Ledger {
             max_bytes: config.spool_max_bytes,
         })?;
         metrics.spool_bytes.set(gauge(spool.bytes()));
+        metrics.spool_max_bytes.set(gauge(config.spool_max_bytes));
         Ok(Self {
             spool,
             config: config.clone(),
@@ -107,6 +111,7 @@ impl Ledger {
             pending: AtomicUsize::new(0),
             wake: Notify::new(),
             db_ok: AtomicBool::new(true),
+            lag_ms: AtomicI64::new(0),
             unwritable: AtomicBool::new(false),
             held: Mutex::new(Held::default()),
             last_empty_end: Mutex::new(None),
@@ -249,7 +254,14 @@ impl Ledger {
 
     /// Age of the oldest unshipped record as last measured (ms).
     pub fn lag_ms(&self) -> i64 {
-        self.metrics.lag_ms.get()
+        self.lag_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records the age of the oldest unshipped record (0 when caught up).
+    fn set_lag_ms(&self, ms: i64) {
+        let ms = ms.max(0);
+        self.lag_ms.store(ms, Ordering::Relaxed);
+        self.metrics.lag_seconds.set(ms as f64 / 1000.0);
     }
 }
 

@@ -65,12 +65,12 @@ impl Ledger {
                     self.commit(batch.end).await?;
                     *lock(&self.last_empty_end) = Some(batch.end);
                 }
-                self.metrics.lag_ms.set(0);
+                self.set_lag_ms(0);
                 self.metrics.spool_bytes.set(gauge(self.spool.bytes()));
                 return Ok(());
             }
             if let Some(oldest) = batch.records.first().and_then(|r| record::ts_ms(r)) {
-                self.metrics.lag_ms.set((now_ms() - oldest).max(0));
+                self.set_lag_ms(now_ms() - oldest);
             }
             let (written, unreadable) = insert_batch(store, &batch.records, timeout).await;
             match written {
