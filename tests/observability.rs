@@ -1,5 +1,6 @@
-//! `/metrics` against the real tools: its two formats, `promtool check metrics`, and a real
-//! Prometheus (Debian's 2.42) scraping a gateway.
+//! `/metrics` and the shipped rules against the real tools: the two formats, `promtool check
+//! metrics`, `promtool test rules`, and a real Prometheus (Debian's 2.42) scraping a gateway
+//! and evaluating every rule.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -10,6 +11,8 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::prometheus::{Prometheus, promtool};
 use common::{Gateway, backend, client, mock, mock_with, model};
@@ -20,8 +23,9 @@ use serde_json::json;
 const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
 const TEXT_004: &str = "text/plain;version=0.0.4";
 
-/// A gateway whose model `m` has a good backend and one that answers 500, after plain,
-/// streamed, failed-over and unknown-model requests, so that most series exist.
+/// A gateway whose model `m` has a good backend and one that answers 500, and whose model
+/// `down` has only the bad one, after plain, streamed, failed-over, failed and
+/// unknown-model requests, so that most series exist.
 async fn gateway_with_traffic() -> (Gateway, MockUpstream, MockUpstream) {
     let good = mock().await;
     let bad = mock_with(MockBehavior {
@@ -33,14 +37,15 @@ async fn gateway_with_traffic() -> (Gateway, MockUpstream, MockUpstream) {
         "[health_check]\nenabled = false\n{}{}{}",
         backend("good", &good.base_url(), ""),
         backend("bad", &bad.base_url(), ""),
-        model("m", &["good", "bad"])
-    );
+        model("m", &["good", "bad"]),
+    ) + &model("down", &["bad"]);
     let gw = Gateway::start(&toml).await;
     for (model, stream) in [
         ("m", false),
         ("m", true),
         ("m", false),
         ("m", true),
+        ("down", false),
         ("x", false),
     ] {
         let r = client()
@@ -139,4 +144,153 @@ async fn a_real_prometheus_scrapes_every_series() {
         .await
         .unwrap();
     assert_eq!(requests[0]["value"][1], "4", "{requests:?}");
+}
+
+fn rules_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/prometheus")
+}
+
+/// Names of the alerts in the shipped rules file.
+fn alert_names(rules: &str) -> Vec<String> {
+    rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .map(|n| n.trim_matches('"').to_owned())
+        .collect()
+}
+
+/// The rules load, and their unit tests (dist/prometheus/llm-gateway.rules.test.yml) pass,
+/// with a case that fires and one that stays quiet for every alert.
+#[test]
+fn the_shipped_rules_pass_promtool_and_their_unit_tests() {
+    let dir = rules_dir();
+    let (ok, out) = promtool(&["check", "rules", "llm-gateway.rules.yml"], "", &dir);
+    assert!(ok, "{out}");
+    let (ok, out) = promtool(&["test", "rules", "llm-gateway.rules.test.yml"], "", &dir);
+    assert!(ok, "{out}");
+    let rules = std::fs::read_to_string(dir.join("llm-gateway.rules.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("llm-gateway.rules.test.yml")).unwrap();
+    let names = alert_names(&rules);
+    assert!(names.len() >= 12, "{names:?}");
+    for name in names {
+        let cases = tests.matches(&format!("alertname: {name}\n")).count();
+        let quiet = tests
+            .matches(&format!("alertname: {name}\n        exp_alerts: []"))
+            .count();
+        assert!(
+            cases >= 2 && quiet >= 1,
+            "{name}: {cases} cases, {quiet} quiet"
+        );
+    }
+}
+
+/// The metric names a PromQL expression reads.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        rest = &rest[i..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        let word = &rest[..end];
+        let next = rest[end..].trim_start();
+        // A name followed by a selector, a range or an operator is a metric; one followed by
+        // `(` is a function, and words inside `{...}` and `by (...)` are labels.
+        if word.starts_with("llm_gateway_") || word == "up" || word == "process_start_time_seconds"
+        {
+            names.insert(word.to_owned());
+        }
+        rest = if next.starts_with('{') {
+            let close = rest.find('}').unwrap();
+            &rest[close + 1..]
+        } else {
+            &rest[end..]
+        };
+    }
+    names
+}
+
+/// An alert's expression without its final comparison with a number: what it watches.
+fn watched(expr: &str) -> &str {
+    [" == ", " >= ", " > ", " < "]
+        .iter()
+        .filter_map(|op| expr.rfind(op))
+        .max()
+        .map_or(expr, |i| &expr[..i])
+}
+
+/// A real Prometheus loads the shipped rules and evaluates them against a gateway it
+/// scrapes: every rule is healthy, reads only metrics the gateway exports, and what it
+/// watches returns series; a healthy gateway fires no alert.
+#[tokio::test]
+async fn a_real_prometheus_evaluates_every_shipped_rule_against_a_gateway() {
+    let (gw, _good, _bad) = gateway_with_traffic().await;
+    let rules = rules_dir().join("llm-gateway.rules.yml");
+    let prometheus = Prometheus::start(&[gw.addr.to_string()], &[rules]).await;
+    prometheus.wait_until_scraped(1).await;
+    let (_, text) = scrape(&gw, Some(TEXT_004)).await;
+    let mut exported = sample_names(&text);
+    exported.insert("up".to_owned());
+
+    let groups = prometheus.api("rules", &[]).await.unwrap()["groups"].clone();
+    let rules: Vec<serde_json::Value> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+        .collect();
+    assert!(rules.len() >= 17, "{groups}");
+    for rule in &rules {
+        let name = rule["name"].as_str().unwrap();
+        let expr = rule["query"].as_str().unwrap();
+        let unknown: Vec<String> = metric_names(expr).difference(&exported).cloned().collect();
+        assert!(unknown.is_empty(), "{name} reads {unknown:?}, not exported");
+        let signal = if rule["type"] == "alerting" {
+            watched(expr)
+        } else {
+            expr
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let result = prometheus.query(signal).await;
+            if result.as_ref().is_ok_and(|v| !v.is_empty()) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: {signal} returns {result:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Every rule has been evaluated without error by now.
+    let groups = prometheus.api("rules", &[]).await.unwrap()["groups"].clone();
+    for rule in groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+    {
+        assert_eq!(rule["health"], "ok", "{rule}");
+    }
+    let alerts = prometheus.api("alerts", &[]).await.unwrap();
+    let firing: Vec<&serde_json::Value> = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "firing")
+        .collect();
+    assert!(firing.is_empty(), "{firing:#?}");
+}
+
+#[test]
+fn metric_names_and_watched_parts_are_read_from_expressions() {
+    let expr = "sum by (job, instance, model) (rate(llm_gateway_requests_total{job=\"x\",status=~\"5..\"}[5m])) / sum by (job) (rate(llm_gateway_tokens_total[5m])) > 0.05";
+    assert_eq!(
+        metric_names(expr).into_iter().collect::<Vec<_>>(),
+        ["llm_gateway_requests_total", "llm_gateway_tokens_total"]
+    );
+    assert_eq!(watched("up{job=\"x\"} == 0"), "up{job=\"x\"}");
+    assert_eq!(watched("a - b < 1"), "a - b");
 }
