@@ -11,22 +11,37 @@
 }:
 let
   t = defaults // thresholds;
-  defaults = {
-    # Share of requests answered 5xx, per model, over 5 minutes.
-    errorRatio = 0.05;
-    # p95 of request duration (streams: until the last byte), per model, over 5 minutes.
-    latencyP95Seconds = 60;
-    # p95 of the time to the first streamed token, per model, over 5 minutes.
-    ttftP95Seconds = 10;
-    # Age of the oldest usage record not yet in the database.
-    ledgerLagSeconds = 300;
-    # Spool bytes as a share of ledger.spool_max_bytes.
-    spoolFullRatio = 0.8;
-    # Starts within 30 minutes that count as a restart loop.
-    restarts = 3;
-    # How long a backend may be down or its circuit open before it pages.
-    backendDownFor = "5m";
+  documented = {
+    errorRatio = {
+      default = 0.05;
+      description = "Share of a model's requests answered 5xx over 5 minutes above which LlmGatewayHighErrorRatio fires.";
+    };
+    latencyP95Seconds = {
+      default = 60;
+      description = "p95 of a model's request duration (streams: to the last byte) over 5 minutes above which LlmGatewayHighLatency fires.";
+    };
+    ttftP95Seconds = {
+      default = 10;
+      description = "p95 of a model's time to first streamed token over 5 minutes above which LlmGatewaySlowFirstToken fires.";
+    };
+    ledgerLagSeconds = {
+      default = 300;
+      description = "Age of the oldest usage record not yet in the database above which LlmGatewayLedgerLagging fires.";
+    };
+    spoolFullRatio = {
+      default = 0.8;
+      description = "Spool bytes as a share of ledger.spool_max_bytes above which LlmGatewaySpoolNearlyFull fires.";
+    };
+    restarts = {
+      default = 3;
+      description = "Process starts within 30 minutes from which LlmGatewayRestarting fires.";
+    };
+    backendDownFor = {
+      default = "5m";
+      description = "How long a backend is down or its circuit open before LlmGatewayBackendDown fires.";
+    };
   };
+  defaults = builtins.mapAttrs (_: v: v.default) documented;
   n = builtins.toJSON;
   sel = ''job="${job}"'';
   by = "job, instance, model";
@@ -153,6 +168,7 @@ let
 in
 {
   inherit defaults;
+  descriptions = builtins.mapAttrs (_: v: v.description) documented;
   names = map (a: a.name) alerts;
   text = ''
     # Prometheus rules for llm-gateway (rendered from nix/alerts.nix; thresholds: README,

@@ -73,6 +73,8 @@ let
       database-password = cfg.database.passwordFile;
     };
 
+  alertThresholds = import ./alerts.nix { };
+
   units = import ./unit.nix {
     execStart = "${lib.getExe cfg.package} serve --config ${configPath}";
     kill = "${pkgs.coreutils}/bin/kill";
@@ -401,128 +403,166 @@ in
       };
     };
 
+    prometheus.rules = {
+      enable = mkEnableOption ''
+        the shipped alert and recording rules (nix/alerts.nix, the same as
+        dist/prometheus/llm-gateway.rules.yml; README, "Observability") in
+        `services.prometheus.ruleFiles` when Prometheus runs on this host. This does not need
+        the gateway itself on this host (`services.llm-gateway.enable`)'';
+      job = mkOption {
+        type = types.str;
+        default = "llm-gateway";
+        description = "The `job` label the gateways are scraped under (`prometheus.scrape` uses `llm-gateway`).";
+      };
+      thresholds = mkOption {
+        type = types.submodule {
+          options = lib.mapAttrs (
+            name: default:
+            mkOption {
+              type = if builtins.isString default then types.str else types.number;
+              inherit default;
+              description = alertThresholds.descriptions.${name};
+            }
+          ) alertThresholds.defaults;
+        };
+        default = { };
+        example = literalExpression "{ errorRatio = 0.02; ttftP95Seconds = 5; }";
+        description = "Alert thresholds; the defaults are those of dist/prometheus/llm-gateway.rules.yml.";
+      };
+    };
+
     socketActivation.enable = mkEnableOption ''
       socket activation: systemd holds the listening sockets (`llm-gateway.socket`) and passes
       them to the service, so connections during a restart wait instead of being refused'';
   };
 
-  config = mkIf cfg.enable {
-    assertions = [
-      {
-        assertion = lib.all (p: !inStore p) (
-          lib.attrValues credentials ++ lib.optional (cfg.environmentFile != null) cfg.environmentFile
-        );
-        message = "services.llm-gateway.credentials / database.passwordFile / environmentFile: a secret must not be in the Nix store (it is world-readable).";
-      }
-      {
-        assertion =
-          cfg.database.type == "postgresql" -> (cfg.database.createLocally || cfg.database.url != null);
-        message = "services.llm-gateway.database: type = \"postgresql\" needs createLocally = true or a url.";
-      }
-      {
-        assertion = !(localPostgres && cfg.database.url != null);
-        message = "services.llm-gateway.database: set either createLocally or url, not both.";
-      }
-    ];
-
-    services.llm-gateway.settings.storage = lib.mkMerge [
-      (mkIf localPostgres {
-        database_url = mkDefault "postgres:///${cfg.user}?host=/run/postgresql&user=${cfg.user}";
-      })
-      (mkIf (cfg.database.type == "postgresql" && cfg.database.url != null) {
-        database_url = mkDefault cfg.database.url;
-      })
-      (mkIf (cfg.database.passwordFile != null) {
-        database_password.credential = "database-password";
-      })
-    ];
-
-    environment.etc."llm-gateway/llm-gateway.toml".source = configFile;
-
-    systemd.services.llm-gateway = {
-      description = units.unit.Description;
-      after = units.unit.After;
-      wants = units.unit.Wants;
-      requires = units.unit.Requires or [ ];
-      wantedBy = units.install.WantedBy;
-      startLimitIntervalSec = units.unit.StartLimitIntervalSec;
-      # Settings changes reload (the program swaps its configuration); start-only keys and
-      # a new package restart.
-      reloadTriggers = [ configFile ];
-      restartTriggers = [ (builtins.toJSON startOnly) ];
-      # Hardening directives are defaults: one can be overridden without restating the rest.
-      serviceConfig = lib.mapAttrs (
-        k: v: if units.hardening ? ${k} then mkDefault v else v
-      ) units.service;
-    };
-
-    systemd.sockets = lib.mapAttrs' (
-      name: s:
-      lib.nameValuePair (lib.removeSuffix ".socket" name) {
-        description = s.unit.Description;
-        wantedBy = s.install.WantedBy;
-        socketConfig = s.socket;
-      }
-    ) units.sockets;
-
-    users.users = mkIf (!cfg.dynamicUser) {
-      ${cfg.user} = {
-        isSystemUser = true;
-        inherit (cfg) group;
-      };
-    };
-    users.groups = mkIf (!cfg.dynamicUser) { ${cfg.group} = { }; };
-
-    services.postgresql = mkIf localPostgres {
-      enable = true;
-      ensureDatabases = [ cfg.user ];
-      ensureUsers = [
+  config = lib.mkMerge [
+    # On a Prometheus host, with or without a gateway on it.
+    (mkIf (cfg.prometheus.rules.enable && config.services.prometheus.enable) {
+      services.prometheus.ruleFiles = [
+        (pkgs.writeText "llm-gateway.rules.yml"
+          (import ./alerts.nix { inherit (cfg.prometheus.rules) job thresholds; }).text
+        )
+      ];
+    })
+    (mkIf cfg.enable {
+      assertions = [
         {
-          name = cfg.user;
-          ensureDBOwnership = true;
+          assertion = lib.all (p: !inStore p) (
+            lib.attrValues credentials ++ lib.optional (cfg.environmentFile != null) cfg.environmentFile
+          );
+          message = "services.llm-gateway.credentials / database.passwordFile / environmentFile: a secret must not be in the Nix store (it is world-readable).";
+        }
+        {
+          assertion =
+            cfg.database.type == "postgresql" -> (cfg.database.createLocally || cfg.database.url != null);
+          message = "services.llm-gateway.database: type = \"postgresql\" needs createLocally = true or a url.";
+        }
+        {
+          assertion = !(localPostgres && cfg.database.url != null);
+          message = "services.llm-gateway.database: set either createLocally or url, not both.";
         }
       ];
-    };
 
-    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
+      services.llm-gateway.settings.storage = lib.mkMerge [
+        (mkIf localPostgres {
+          database_url = mkDefault "postgres:///${cfg.user}?host=/run/postgresql&user=${cfg.user}";
+        })
+        (mkIf (cfg.database.type == "postgresql" && cfg.database.url != null) {
+          database_url = mkDefault cfg.database.url;
+        })
+        (mkIf (cfg.database.passwordFile != null) {
+          database_password.credential = "database-password";
+        })
+      ];
 
-    services.prometheus.scrapeConfigs =
-      mkIf (cfg.prometheus.scrape.enable && config.services.prometheus.enable)
-        [
+      environment.etc."llm-gateway/llm-gateway.toml".source = configFile;
+
+      systemd.services.llm-gateway = {
+        description = units.unit.Description;
+        after = units.unit.After;
+        wants = units.unit.Wants;
+        requires = units.unit.Requires or [ ];
+        wantedBy = units.install.WantedBy;
+        startLimitIntervalSec = units.unit.StartLimitIntervalSec;
+        # Settings changes reload (the program swaps its configuration); start-only keys and
+        # a new package restart.
+        reloadTriggers = [ configFile ];
+        restartTriggers = [ (builtins.toJSON startOnly) ];
+        # Hardening directives are defaults: one can be overridden without restating the rest.
+        serviceConfig = lib.mapAttrs (
+          k: v: if units.hardening ? ${k} then mkDefault v else v
+        ) units.service;
+      };
+
+      systemd.sockets = lib.mapAttrs' (
+        name: s:
+        lib.nameValuePair (lib.removeSuffix ".socket" name) {
+          description = s.unit.Description;
+          wantedBy = s.install.WantedBy;
+          socketConfig = s.socket;
+        }
+      ) units.sockets;
+
+      users.users = mkIf (!cfg.dynamicUser) {
+        ${cfg.user} = {
+          isSystemUser = true;
+          inherit (cfg) group;
+        };
+      };
+      users.groups = mkIf (!cfg.dynamicUser) { ${cfg.group} = { }; };
+
+      services.postgresql = mkIf localPostgres {
+        enable = true;
+        ensureDatabases = [ cfg.user ];
+        ensureUsers = [
           {
-            job_name = "llm-gateway";
-            scrape_interval = cfg.prometheus.scrape.interval;
-            metrics_path = "/metrics";
-            static_configs = [ { targets = [ metricsTarget ]; } ];
+            name = cfg.user;
+            ensureDBOwnership = true;
           }
         ];
+      };
 
-    environment.etc."systemd/journald@${cfg.journal.namespace.name}.conf" =
-      mkIf cfg.journal.namespace.enable
-        {
-          text = ''
-            [Journal]
-            SystemMaxUse=${cfg.journal.namespace.maxUse}
-            SystemMaxFileSize=${cfg.journal.namespace.maxFileSize}
-            MaxRetentionSec=${cfg.journal.namespace.maxRetention}
-          '';
-        };
+      networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall [ cfg.port ];
 
-    # Operator commands (keys, usage, instances) as the service's user, with its state
-    # directory and credentials: `sudo llm-gateway-admin keys create --name alice`.
-    environment.systemPackages = [
-      (pkgs.writeShellScriptBin "llm-gateway-admin" ''
-        exec ${config.systemd.package}/bin/systemd-run --quiet --wait --pipe --collect \
-          --property=DynamicUser=${if cfg.dynamicUser then "yes" else "no"} \
-          --property=User=${cfg.user} --property=Group=${cfg.group} \
-          --property=StateDirectory=llm-gateway \
-          ${
-            lib.concatMapStrings (n: "--property=LoadCredential=${n}:${credentials.${n}} ") (
-              lib.attrNames credentials
-            )
-          }--setenv=LLM_GATEWAY_CONFIG=${configPath} \
-          ${lib.getExe cfg.package} "$@"
-      '')
-    ];
-  };
+      services.prometheus.scrapeConfigs =
+        mkIf (cfg.prometheus.scrape.enable && config.services.prometheus.enable)
+          [
+            {
+              job_name = "llm-gateway";
+              scrape_interval = cfg.prometheus.scrape.interval;
+              metrics_path = "/metrics";
+              static_configs = [ { targets = [ metricsTarget ]; } ];
+            }
+          ];
+
+      environment.etc."systemd/journald@${cfg.journal.namespace.name}.conf" =
+        mkIf cfg.journal.namespace.enable
+          {
+            text = ''
+              [Journal]
+              SystemMaxUse=${cfg.journal.namespace.maxUse}
+              SystemMaxFileSize=${cfg.journal.namespace.maxFileSize}
+              MaxRetentionSec=${cfg.journal.namespace.maxRetention}
+            '';
+          };
+
+      # Operator commands (keys, usage, instances) as the service's user, with its state
+      # directory and credentials: `sudo llm-gateway-admin keys create --name alice`.
+      environment.systemPackages = [
+        (pkgs.writeShellScriptBin "llm-gateway-admin" ''
+          exec ${config.systemd.package}/bin/systemd-run --quiet --wait --pipe --collect \
+            --property=DynamicUser=${if cfg.dynamicUser then "yes" else "no"} \
+            --property=User=${cfg.user} --property=Group=${cfg.group} \
+            --property=StateDirectory=llm-gateway \
+            ${
+              lib.concatMapStrings (n: "--property=LoadCredential=${n}:${credentials.${n}} ") (
+                lib.attrNames credentials
+              )
+            }--setenv=LLM_GATEWAY_CONFIG=${configPath} \
+            ${lib.getExe cfg.package} "$@"
+        '')
+      ];
+    })
+  ];
 }

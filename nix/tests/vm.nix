@@ -1,5 +1,5 @@
 # NixOS VM test: the module with a local PostgreSQL and a mock upstream, scraped by
-# Prometheus on a second node. The scenario itself is tests/vm/scenario.py, shared with
+# Prometheus on a second node that loads the module's alert rules. The scenario itself is tests/vm/scenario.py, shared with
 # the Debian QEMU harness.
 { pkgs, module }:
 let
@@ -67,6 +67,9 @@ pkgs.testers.runNixOSTest {
   nodes = {
     gateway = gatewayNode;
     monitor = {
+      # The module on a Prometheus host without a gateway: only its rules.
+      imports = [ module ];
+      services.llm-gateway.prometheus.rules.enable = true;
       services.prometheus = {
         enable = true;
         scrapeConfigs = [
@@ -77,7 +80,12 @@ pkgs.testers.runNixOSTest {
           }
         ];
       };
-      environment.systemPackages = [ pkgs.curl ];
+      environment.systemPackages = [
+        pkgs.curl
+        pkgs.jq
+        # promtool is in the package's `cli` output.
+        pkgs.prometheus.cli
+      ];
     };
   };
   testScript = ''

@@ -178,6 +178,18 @@ def run(gw, subtest, switch_setting, prometheus=None, threshold="1.5"):
                 " | grep -q '\"1\"'",
                 timeout=120,
             )
+        with subtest("it loads the shipped alert rules, and LlmGatewayDown is not firing"):
+            prometheus.wait_until_succeeds(
+                "curl -sf http://127.0.0.1:9090/api/v1/rules | jq -e '[.data.groups[]"
+                " | select(.name == \"llm-gateway-alerts\") | .rules[] | .health == \"ok\"]"
+                " | length > 0 and all'",
+                timeout=120,
+            )
+            data = json.loads(prometheus.succeed("curl -sf http://127.0.0.1:9090/api/v1/rules"))
+            groups = {g["name"]: g for g in data["data"]["groups"]}
+            prometheus.succeed(f"promtool check rules {groups['llm-gateway-alerts']['file']}")
+            down = [r for r in groups["llm-gateway-alerts"]["rules"] if r["name"] == "LlmGatewayDown"]
+            assert down and down[0]["state"] == "inactive", down
 
     with subtest("hard power-off and boot: back, with its data"):
         rows = usage_rows(gw)
