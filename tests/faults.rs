@@ -585,6 +585,14 @@ async fn a_full_spool_rejects_requests_until_the_database_is_back() {
         metric(&m, "llm_gateway_ledger_records_dropped_total"),
         Some(0.0)
     );
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_requests_shed_total{reason=\"ledger_full\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
 
     cluster.restart();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -284,6 +284,117 @@ async fn a_real_prometheus_evaluates_every_shipped_rule_against_a_gateway() {
     assert!(firing.is_empty(), "{firing:#?}");
 }
 
+/// The shipped Grafana dashboard, parsed.
+fn dashboard() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/grafana/llm-gateway.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A dashboard query as Prometheus runs it for the test gateway: the job chosen, every
+/// other variable at its "All" value, `$__rate_interval` a minute, and a variable's
+/// `label_values(selector, label)` as the series it lists.
+fn as_promql(query: &str) -> String {
+    let q = query
+        .replace("$job", "llm-gateway")
+        .replace("$instance", ".*")
+        .replace("$model", ".*")
+        .replace("$backend", ".*")
+        .replace("$__rate_interval", "1m");
+    assert!(
+        !q.contains('$'),
+        "a variable the test does not know: {query}"
+    );
+    match q
+        .strip_prefix("label_values(")
+        .and_then(|r| r.strip_suffix(')'))
+        .and_then(|r| r.rsplit_once(", "))
+    {
+        Some((selector, label)) => format!("count by ({label}) ({selector})"),
+        None => q,
+    }
+}
+
+/// Every query of the dashboard and of its variables parses, reads only metrics the
+/// gateway exports, and returns series from a real Prometheus scraping a gateway after
+/// some traffic; the panels use the `${datasource}` variable.
+#[tokio::test]
+async fn every_dashboard_query_returns_series_from_a_real_prometheus() {
+    let dash = dashboard();
+    assert!(
+        dash["schemaVersion"].as_u64().unwrap() >= 39,
+        "{}",
+        dash["schemaVersion"]
+    );
+    let variables = dash["templating"]["list"].as_array().unwrap();
+    let names: Vec<&str> = variables
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for wanted in ["datasource", "job", "instance", "model", "backend"] {
+        assert!(
+            names.contains(&wanted),
+            "{wanted} variable missing: {names:?}"
+        );
+    }
+    let mut queries: Vec<(String, String)> = variables
+        .iter()
+        .filter(|v| v["type"] == "query")
+        .map(|v| {
+            let name = format!("variable {}", v["name"]);
+            (name, v["definition"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    for panel in dash["panels"].as_array().unwrap() {
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "{}",
+            panel["title"]
+        );
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for t in targets {
+            assert_eq!(
+                t["datasource"]["uid"], "${datasource}",
+                "{}",
+                panel["title"]
+            );
+            let name = format!("{} {}", panel["title"], t["refId"]);
+            queries.push((name, t["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    assert!(queries.len() >= 30, "{}", queries.len());
+
+    let (gw, _good, _bad) = gateway_with_traffic().await;
+    let prometheus = Prometheus::start(&[gw.addr.to_string()], &[]).await;
+    prometheus.wait_until_scraped(1).await;
+    let (_, text) = scrape(&gw, Some(TEXT_004)).await;
+    let mut exported = sample_names(&text);
+    exported.insert("up".to_owned());
+    for (name, query) in &queries {
+        let promql = as_promql(query);
+        let unknown: Vec<String> = metric_names(&promql)
+            .difference(&exported)
+            .cloned()
+            .collect();
+        assert!(unknown.is_empty(), "{name} reads {unknown:?}, not exported");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let result = prometheus.query(&promql).await;
+            if result.as_ref().is_ok_and(|v| !v.is_empty()) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: {promql} returns {result:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 #[test]
 fn metric_names_and_watched_parts_are_read_from_expressions() {
     let expr = "sum by (job, instance, model) (rate(llm_gateway_requests_total{job=\"x\",status=~\"5..\"}[5m])) / sum by (job) (rate(llm_gateway_tokens_total[5m])) > 0.05";

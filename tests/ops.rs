@@ -186,6 +186,15 @@ async fn excess_requests_are_shed_with_503() {
     assert_eq!(r.headers()["retry-after"], "1");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "overloaded");
+    let m = metrics_text(&gw).await;
+    let shed = |reason: &str| {
+        metric(
+            &m,
+            &format!("llm_gateway_requests_shed_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(shed("overloaded"), Some(1.0), "{m}");
+    assert_eq!(shed("backends_saturated"), Some(0.0), "{m}");
     // Operational endpoints are not shed.
     assert_eq!(
         client()

@@ -656,6 +656,15 @@ async fn a_full_backend_is_skipped_and_503_when_all_are_full() {
     assert_eq!(r.headers()["retry-after"], "1");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "backends_saturated");
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "llm_gateway_requests_shed_total{reason=\"backends_saturated\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
     first.abort();
 }
 

@@ -24,10 +24,17 @@ pub(crate) fn take_in(
 ) -> Result<Guards, ApiError> {
     match state.ledger.admission() {
         Ok(()) => {}
-        Err(Refusal::Full) => return Err(ApiError::LedgerFull),
-        Err(Refusal::Unwritable) => return Err(ApiError::LedgerUnavailable),
+        Err(Refusal::Full) => {
+            state.metrics.shed("ledger_full");
+            return Err(ApiError::LedgerFull);
+        }
+        Err(Refusal::Unwritable) => {
+            state.metrics.shed("ledger_unavailable");
+            return Err(ApiError::LedgerUnavailable);
+        }
     }
     let Ok(permit) = Arc::clone(&current.limiter).try_acquire_owned() else {
+        state.metrics.shed("overloaded");
         return Err(ApiError::Overloaded);
     };
     record.ledgered = true;

@@ -69,7 +69,10 @@ pub(crate) async fn attempt(
                 if last_error.is_none() {
                     last_error = Some(match e {
                         PickError::NoneHealthy => ApiError::NoHealthyBackend(parsed.model.clone()),
-                        PickError::Saturated => ApiError::BackendsSaturated(parsed.model.clone()),
+                        PickError::Saturated => {
+                            state.metrics.shed("backends_saturated");
+                            ApiError::BackendsSaturated(parsed.model.clone())
+                        }
                     });
                 }
                 break;

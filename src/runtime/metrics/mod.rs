@@ -26,11 +26,39 @@ pub use text::Format;
 /// Label value for requests that matched no configured model or reached no backend.
 pub const NONE: &str = "none";
 
+/// Why a request was shed (`requests_shed_total{reason}`).
+const SHED_REASONS: [&str; 4] = [
+    "overloaded",
+    "backends_saturated",
+    "ledger_full",
+    "ledger_unavailable",
+];
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~17 min (request_timeout defaults to 10 min)
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
         0.001, 2.0, 21,
     ))
+}
+
+/// Why a request was refused with 401/403 (`auth_failures_total{reason}`).
+const AUTH_FAILURE_REASONS: [&str; 6] = [
+    "missing",
+    "invalid",
+    "revoked",
+    "expired",
+    "multiple",
+    "model_not_allowed",
+];
+
+/// A counter family with a series at 0 for each reason, so that a dashboard or a rule sees
+/// 0 rather than nothing before the first event.
+fn with_series(reasons: &[&'static str]) -> Family<ReasonLabels, Counter> {
+    let family = Family::<ReasonLabels, Counter>::default();
+    for &reason in reasons {
+        drop(family.get_or_create(&ReasonLabels { reason }));
+    }
+    family
 }
 
 /// Registers `metric` under `name` (prefixed `llm_gateway_`) and hands it back.
@@ -57,6 +85,7 @@ pub struct Metrics {
     model_backends_available: Series<ModelLabels, Gauge>,
     auth_failures: Family<ReasonLabels, Counter>,
     rate_limited: Family<ReasonLabels, Counter>,
+    shed: Family<ReasonLabels, Counter>,
     /// Failed reloads of the key table from the database.
     pub key_refresh_failures: Counter,
     config_reloads: Family<ResultLabels, Counter>,
@@ -200,13 +229,19 @@ impl Metrics {
                 r,
                 "auth_failures",
                 "Requests refused with 401/403, by reason (missing, invalid, revoked, expired, model_not_allowed)",
-                Family::default(),
+                with_series(&AUTH_FAILURE_REASONS),
             ),
             rate_limited: add(
                 r,
                 "rate_limited",
                 "Requests refused with 429 by a key's limit (requests or tokens)",
-                Family::default(),
+                with_series(&["requests", "tokens"]),
+            ),
+            shed: add(
+                r,
+                "requests_shed",
+                "Requests refused with 503 for lack of capacity, by reason: overloaded (server.max_concurrent_requests), backends_saturated (every backend of the model at max_concurrency), ledger_full, ledger_unavailable",
+                with_series(&SHED_REASONS),
             ),
             key_refresh_failures: add(
                 r,
@@ -351,6 +386,11 @@ impl Metrics {
         self.rate_limited
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// Counts a request shed for lack of capacity (one of `SHED_REASONS`).
+    pub fn shed(&self, reason: &'static str) {
+        self.shed.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts a configuration reload and records whether it worked.
