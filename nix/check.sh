@@ -41,3 +41,13 @@ fi
 echo "systemd-analyze verify: clean"
 # --threshold is on a 0-100 scale: 15 = exposure 1.5.
 systemd-analyze security --offline=true --threshold=15 dist/systemd/llm-gateway.service | tail -1
+# With an IP allow list (the module's allowedClients), at or under 1.0.
+allowed=$(mktemp -d)
+nix-instantiate --eval --strict --json -E '(import ./nix/unit.nix {
+  execStart = "/usr/local/bin/llm-gateway serve";
+  allowedClients = [ "192.168.132.0/24" ];
+}).files."llm-gateway.service"' | python3 -c 'import json, sys; print(json.load(sys.stdin), end="")' \
+  >"$allowed/llm-gateway.service"
+grep -qx 'IPAddressDeny=any' "$allowed/llm-gateway.service"
+systemd-analyze security --offline=true --threshold=10 "$allowed/llm-gateway.service" | tail -1
+rm -rf "$allowed"

@@ -37,8 +37,10 @@ let
     lib.filterAttrsRecursive (_: v: v != null) cfg.settings
   );
   # The program validates the generated file at build time (no secrets are read).
+  # Cross builds cannot run the host's binary: they skip the check, as nixpkgs' postgresql
+  # module does for its own.
   configFile = pkgs.runCommand "llm-gateway.toml" { } ''
-    ${lib.getExe cfg.package} check-config --config ${settingsFile}
+    ${lib.optionalString (pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform) "${lib.getExe cfg.package} check-config --config ${settingsFile}"}
     cp ${settingsFile} $out
   '';
   # The service reads this path, so a settings change can be a reload (same ExecStart).
@@ -66,6 +68,14 @@ let
     inherit (cfg.settings.logging) format;
     output = cfg.settings.logging.output or "auto";
   };
+
+  # The options whose secret file is in the store, by name.
+  secretsInStore =
+    lib.mapAttrsToList (name: _: "credentials.${name}") (lib.filterAttrs (_: inStore) cfg.credentials)
+    ++ lib.optional (
+      cfg.database.passwordFile != null && inStore cfg.database.passwordFile
+    ) "database.passwordFile"
+    ++ lib.optional (cfg.environmentFile != null && inStore cfg.environmentFile) "environmentFile";
 
   credentials =
     cfg.credentials
@@ -99,7 +109,7 @@ let
       else
         null;
     inherit credentials;
-    inherit (cfg) environmentFile;
+    inherit (cfg) environmentFile allowedClients;
     logRateLimitIntervalSec = cfg.journal.rateLimitInterval;
     logRateLimitBurst = cfg.journal.rateLimitBurst;
     logLevelMax = cfg.journal.maxLevel;
@@ -253,6 +263,18 @@ in
       type = types.bool;
       default = false;
       description = "Open `port` in the firewall.";
+    };
+
+    allowedClients = mkOption {
+      type = types.nullOr (types.listOf types.str);
+      default = null;
+      example = [ "192.168.132.0/24" ];
+      description = ''
+        Networks (CIDR) the service may exchange packets with besides localhost
+        (`IPAddressDeny=any` and `IPAddressAllow=` on the service and its sockets); null
+        allows any. The filter works both ways: list the backends' and a remote database's
+        networks too. With it set, `systemd-analyze security` scores the unit 1.0.
+      '';
     };
 
     user = mkOption {
@@ -431,6 +453,12 @@ in
       };
     };
 
+    grafana.dashboard.enable = mkEnableOption ''
+      the shipped Grafana dashboard (dist/grafana/llm-gateway.json) through
+      `services.grafana.provision.dashboards` when Grafana runs on this host (its Prometheus
+      data source is picked by the dashboard's `datasource` variable). This does not need the
+      gateway itself on this host'';
+
     socketActivation.enable = mkEnableOption ''
       socket activation: systemd holds the listening sockets (`llm-gateway.socket`) and passes
       them to the service, so connections during a restart wait instead of being refused'';
@@ -445,13 +473,28 @@ in
         )
       ];
     })
+    (mkIf (cfg.grafana.dashboard.enable && config.services.grafana.enable) {
+      services.grafana.provision = {
+        enable = mkDefault true;
+        dashboards.settings.providers = [
+          {
+            name = "llm-gateway";
+            disableDeletion = true;
+            options.path = pkgs.linkFarm "llm-gateway-dashboards" [
+              {
+                name = "llm-gateway.json";
+                path = ../dist/grafana/llm-gateway.json;
+              }
+            ];
+          }
+        ];
+      };
+    })
     (mkIf cfg.enable {
       assertions = [
         {
-          assertion = lib.all (p: !inStore p) (
-            lib.attrValues credentials ++ lib.optional (cfg.environmentFile != null) cfg.environmentFile
-          );
-          message = "services.llm-gateway.credentials / database.passwordFile / environmentFile: a secret must not be in the Nix store (it is world-readable).";
+          assertion = secretsInStore == [ ];
+          message = "services.llm-gateway: ${lib.concatStringsSep ", " secretsInStore} must not be in the Nix store: a secret there is world-readable.";
         }
         {
           assertion =
@@ -468,7 +511,9 @@ in
         (mkIf localPostgres {
           database_url = mkDefault "postgres:///${cfg.user}?host=/run/postgresql&user=${cfg.user}";
         })
-        (mkIf (cfg.database.type == "postgresql" && cfg.database.url != null) {
+        # Not with createLocally too: two mkDefault values would conflict before the
+        # assertion above could say what is wrong.
+        (mkIf (cfg.database.type == "postgresql" && cfg.database.url != null && !localPostgres) {
           database_url = mkDefault cfg.database.url;
         })
         (mkIf (cfg.database.passwordFile != null) {
@@ -559,6 +604,10 @@ in
               lib.concatMapStrings (n: "--property=LoadCredential=${n}:${credentials.${n}} ") (
                 lib.attrNames credentials
               )
+            }${
+              lib.optionalString (
+                cfg.environmentFile != null
+              ) "--property=EnvironmentFile=${toString cfg.environmentFile} "
             }--setenv=LLM_GATEWAY_CONFIG=${configPath} \
             ${lib.getExe cfg.package} "$@"
         '')

@@ -41,6 +41,10 @@
   logLevelMax ? null,
   # A journal namespace of its own (LogNamespace=), or null for the system journal.
   logNamespace ? null,
+  # Networks (CIDR) the service may exchange packets with, besides localhost, or null for
+  # any: IPAddressDeny=any plus IPAddressAllow=. The filter works both ways, so the
+  # backends and a remote database must be in it too.
+  allowedClients ? null,
 }:
 let
   inherit (builtins)
@@ -103,7 +107,16 @@ let
     CapabilityBoundingSet = "";
     AmbientCapabilities = "";
     UMask = "0077";
-  };
+  }
+  // (
+    if allowedClients == null then
+      { }
+    else
+      {
+        IPAddressDeny = "any";
+        IPAddressAllow = [ "localhost" ] ++ allowedClients;
+      }
+  );
 
   unit = clean {
     Description = "llm-gateway: OpenAI-compatible gateway to self-hosted LLM servers";
@@ -151,11 +164,14 @@ let
     unit = {
       Description = "llm-gateway ${name} socket";
     };
-    socket = {
+    socket = clean {
       ListenStream = sockets.${name};
       FileDescriptorName = name;
       Service = "llm-gateway.service";
       Backlog = 4096;
+      # The listening socket is systemd's: its own filter decides who may connect.
+      IPAddressDeny = if allowedClients == null then null else "any";
+      IPAddressAllow = if allowedClients == null then [ ] else [ "localhost" ] ++ allowedClients;
     };
     install = {
       WantedBy = [ "sockets.target" ];
