@@ -86,6 +86,8 @@ pub struct SeenRequest {
     pub authorization: Option<String>,
     /// The `x-request-id` header.
     pub request_id: Option<String>,
+    /// The W3C `traceparent` header.
+    pub traceparent: Option<String>,
 }
 
 impl MockState {
@@ -229,6 +231,7 @@ async fn begin(
         raw: bytes::Bytes::copy_from_slice(body),
         authorization: text(header::AUTHORIZATION.as_str()),
         request_id: text("x-request-id"),
+        traceparent: text("traceparent"),
     });
     let b = state.behavior();
     if b.hang {

@@ -29,7 +29,7 @@ pub(super) fn run(listen: SocketAddr) -> anyhow::Result<()> {
             .context("cannot create the demo's state directory")?;
         let state_dir = state.path().to_owned();
         let config = demo_config(listen, mock_addr, &state_dir)?;
-        let _log = logging::init(&config.logging);
+        let _log = logging::init(&config.logging, &crate::runtime::telemetry::Telemetry::default());
         let listeners = Listeners::bind(&config).await.with_context(|| {
             format!("cannot bind {listen}; pick another address with --listen (e.g. --listen 127.0.0.1:0 for any free port)")
         })?;

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::runtime::listeners::Listeners;
 use crate::runtime::reload::{LoadConfig, Reload, SetLogLevel};
 use crate::runtime::server::serve_with_reload;
+use crate::runtime::telemetry::Telemetry;
 use crate::runtime::{activation, logging};
 
 /// Runs the command line `std::env::args` gives; the binary's `main` is only this.
@@ -24,8 +25,12 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { config } => check_config(&config),
         Command::Serve { config } => load(&config).and_then(|c| {
-            let log = logging::init(&c.logging);
-            run_serve(c, config, log)
+            // Before the runtime: the exporter has a thread and an HTTP client of its own.
+            let telemetry = Telemetry::start(&c.tracing).map_err(anyhow::Error::msg)?;
+            let log = logging::init(&c.logging, &telemetry);
+            let result = run_serve(c, config, log);
+            telemetry.shutdown();
+            result
         }),
         Command::Demo { listen } => demo::run(listen),
         Command::Migrate { config } => admin(&config, |c| async move { admin::migrate(&c).await }),

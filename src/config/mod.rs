@@ -13,6 +13,7 @@ mod logging;
 pub mod secret;
 mod server;
 mod storage;
+mod telemetry;
 mod upstream;
 
 pub use auth::{AuthConfig, AuthMode};
@@ -20,6 +21,7 @@ pub use backends::{BackendConfig, ModelConfig, RouteConfig};
 pub use logging::{AccessLog, LogFormat, LogOutput, LoggingConfig};
 pub use server::ServerConfig;
 pub use storage::{LedgerConfig, SpoolFullPolicy, StorageConfig};
+pub use telemetry::TracingConfig;
 pub use upstream::{BreakerConfig, HealthCheckConfig, UpstreamConfig};
 
 use std::path::{Path, PathBuf};
@@ -113,6 +115,9 @@ pub struct Config {
     /// Log level and format.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// OpenTelemetry trace export.
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// State directory and database.
     #[serde(default)]
     pub storage: StorageConfig,
@@ -192,6 +197,7 @@ impl Config {
         self.validate_upstream()?;
         self.validate_storage()?;
         self.logging.validate()?;
+        self.tracing.validate()?;
         self.validate_backends_and_models()
     }
 

@@ -14,6 +14,7 @@ use crate::proxy::Endpoint;
 use crate::proxy::tokens::Tokens;
 use crate::runtime::metrics::RequestSample;
 use crate::runtime::state::AppState;
+use crate::runtime::telemetry;
 use crate::storage::database::now_ms;
 use crate::storage::database::usage_rows::{Outcome, UsageRecord};
 use crate::storage::ledger::Ledger;
@@ -29,6 +30,9 @@ const MAX_RECORDED_TOKENS: u64 = 1 << 40;
 pub(crate) struct Record {
     pub(crate) state: Arc<AppState>,
     pub(crate) span: tracing::Span,
+    /// The exported span of this request (`runtime/telemetry.rs`), disabled unless trace
+    /// export is on.
+    pub(crate) trace: tracing::Span,
     pub(crate) endpoint: Endpoint,
     pub(crate) started: Instant,
     pub(crate) model: Option<Arc<str>>,
@@ -75,9 +79,28 @@ impl Record {
         key: Option<Arc<KeyEntry>>,
         access_log: AccessLog,
     ) -> Self {
+        let trace = tracing::info_span!(
+            target: telemetry::TARGET,
+            parent: None,
+            "request",
+            otel.name = endpoint.operation(),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            gen_ai.operation.name = endpoint.operation(),
+            gen_ai.request.model = tracing::field::Empty,
+            gen_ai.response.model = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            server.address = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            error.r#type = tracing::field::Empty,
+            llm_gateway.request_id = request_id.to_str().unwrap_or("invalid"),
+            llm_gateway.attempts = tracing::field::Empty,
+        );
         Self {
             state,
             span: tracing::Span::current(),
+            trace,
             endpoint,
             started: Instant::now(),
             model: None,
@@ -180,6 +203,9 @@ impl Record {
                 .ledger
                 .append(&self.usage_record(id, status, t, outcome));
         }
+        if !self.trace.is_disabled() {
+            self.record_trace(status, tokens, error);
+        }
         self.state.metrics.record_request(&RequestSample {
             endpoint: self.endpoint.label(),
             model: self.model.as_ref(),
@@ -217,6 +243,35 @@ impl Record {
             error = error.unwrap_or("-"),
             "request finished"
         );
+    }
+}
+
+impl Record {
+    /// The request's outcome on its exported span, which ends when the record is dropped.
+    fn record_trace(&self, status: u16, tokens: Option<Tokens>, error: Option<&str>) {
+        let span = &self.trace;
+        if let Some(model) = &self.model {
+            // The name and gen_ai.request.model were set when the model was known
+            // (admit.rs); the gateway answers with the model it was asked for.
+            span.record("gen_ai.response.model", &**model);
+        }
+        if let Some(backend) = &self.backend {
+            span.record("server.address", &**backend);
+        }
+        // Integers as i64: the exporter writes u64 values as text.
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        if let Some(t) = tokens {
+            span.record("gen_ai.usage.input_tokens", int(t.prompt));
+            span.record("gen_ai.usage.output_tokens", int(t.completion));
+        }
+        span.record("http.response.status_code", i64::from(status));
+        span.record("llm_gateway.attempts", i64::from(self.attempts));
+        if let Some(error) = error {
+            span.record("error.type", error);
+        }
+        if status >= 500 || error.is_some() {
+            span.record("otel.status_code", "error");
+        }
     }
 }
 

@@ -57,6 +57,12 @@ pub(crate) fn authorize<'c>(
         .get(&parsed.model)
         .ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
     record.model = Some(Arc::clone(&model.name));
+    if !record.trace.is_disabled() {
+        // Named now: an exported span's name is fixed once its first child starts.
+        let name = format!("{} {}", endpoint.operation(), model.name);
+        record.trace.record("otel.name", name.as_str());
+        record.trace.record("gen_ai.request.model", &*model.name);
+    }
     record.stream = parsed.stream;
     let Some(key) = record.key.clone() else {
         return Ok(model);

@@ -20,6 +20,7 @@ use crate::api::error::{ApiError, upstream_status_is_clients};
 use crate::api::request_context::REQUEST_ID_HEADER;
 use crate::api::upstream_error::sanitize_upstream_error;
 use crate::runtime::state::{AppState, Configured, Model};
+use crate::runtime::telemetry;
 use crate::upstream::Attempt;
 use crate::upstream::balancer::{self, PickError};
 use crate::upstream::client::{BodyStream, Response};
@@ -83,18 +84,47 @@ pub(crate) async fn attempt(
         record.backend = Some(Arc::clone(&route.backend.name));
         record.attempts += 1;
         let body = parsed.bodies.body(route.upstream_model.as_deref());
+        let upstream_model = route.upstream_model.as_deref().unwrap_or(&model.name);
+        // One exported span per attempt (telemetry.rs), a child of the request's.
+        let trace = tracing::info_span!(
+            target: telemetry::TARGET,
+            parent: &record.trace,
+            "upstream attempt",
+            otel.name = %format_args!("{} {upstream_model}", endpoint.operation()),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            gen_ai.operation.name = endpoint.operation(),
+            gen_ai.request.model = upstream_model,
+            gen_ai.provider.name = "openai",
+            server.address = %route.backend.name,
+            http.response.status_code = tracing::field::Empty,
+            error.r#type = tracing::field::Empty,
+            llm_gateway.backend = %route.backend.name,
+        );
         let call = Call {
             endpoint,
             stream: parsed.stream,
             request_id: &request_id,
             started: record.started,
+            trace: &trace,
         };
         match call.send(attempt, body).await {
             Ok((reply, ttft)) => {
                 record.ttft = ttft;
+                if let Some(ttft) = ttft {
+                    tracing::event!(
+                        target: telemetry::TARGET,
+                        parent: &record.trace,
+                        tracing::Level::INFO,
+                        gen_ai.server.time_to_first_token = ttft.as_secs_f64(),
+                        "first token"
+                    );
+                }
                 return Ok(reply);
             }
             Err(failure) => {
+                trace.record("error.type", failure.kind);
+                trace.record("otel.status_code", "error");
                 state
                     .metrics
                     .upstream_error(&route.backend.name, failure.kind);
@@ -144,6 +174,8 @@ struct Call<'a> {
     stream: bool,
     request_id: &'a HeaderValue,
     started: Instant,
+    /// The attempt's exported span: its `traceparent` goes to the backend.
+    trace: &'a tracing::Span,
 }
 
 impl Call<'_> {
@@ -176,6 +208,9 @@ impl Call<'_> {
                 HeaderValue::from_static("application/json"),
             );
             headers.insert(REQUEST_ID_HEADER, self.request_id.clone());
+            if !self.trace.is_disabled() {
+                telemetry::inject(self.trace, headers);
+            }
             if self.stream {
                 headers.insert(
                     header::ACCEPT,

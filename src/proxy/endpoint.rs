@@ -26,6 +26,15 @@ impl Endpoint {
     }
 
     /// Metric label.
+    /// `gen_ai.operation.name` (OpenTelemetry's GenAI semantic conventions).
+    pub(crate) fn operation(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completions => "text_completion",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
     pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Chat => "chat_completions",

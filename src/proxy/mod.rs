@@ -40,6 +40,7 @@ use crate::api::authn::Caller;
 use crate::api::error::ApiError;
 use crate::api::request_context::RequestId;
 use crate::runtime::state::{AppState, Configured};
+use crate::runtime::telemetry;
 use account::Record;
 use attempt::Reply;
 pub(crate) use endpoint::Endpoint;
@@ -94,6 +95,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         key,
         current.config.logging.access_log,
     );
+    telemetry::continue_trace(&record.trace, request.headers());
     let guards = match admit::take_in(&state, &current, &mut record) {
         Ok(guards) => guards,
         Err(error) => return respond::fail(&mut record, error),

@@ -1,11 +1,24 @@
 //! Log output set-up: journald (native protocol) or stderr (text or JSON lines), with a log
-//! level a reload can change.
+//! level a reload can change; and, beside it with a filter of its own, the layer that
+//! exports the `gen_ai` spans (`telemetry.rs`) when trace export is on.
 
+use opentelemetry::trace::TracerProvider as _;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Registry, reload};
+use tracing_subscriber::{EnvFilter, Layer as _, Registry, reload};
 
+use super::telemetry::{self, Telemetry};
 use crate::config::{LogFormat, LogOutput, LoggingConfig};
+
+/// `filter` with the exported spans left out: they are for the trace exporter, and would
+/// add their fields to every log line inside them.
+fn for_logs(filter: EnvFilter) -> EnvFilter {
+    match format!("{}=off", telemetry::TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
 
 /// Changes the log filter of the running process (a configuration reload).
 #[derive(Debug, Clone)]
@@ -22,7 +35,9 @@ impl LogControl {
             return Ok(());
         }
         let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
-        self.filter.reload(filter).map_err(|e| e.to_string())
+        self.filter
+            .reload(for_logs(filter))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -58,14 +73,14 @@ fn stderr_is_journal() -> bool {
 /// upper-cased without a prefix, e.g. `MODEL`, `STATUS`, `REQUEST_ID`; syslog identifier
 /// `llm-gateway`) when `logging.output` says so or, on `auto`, when stderr is the
 /// journal; otherwise text or JSON lines on stderr. `RUST_LOG`, when set, overrides
-/// `logging.level`.
-pub fn init(logging: &LoggingConfig) -> LogControl {
+/// `logging.level`. The spans of `telemetry` (if it exports) go to it, not to the logs.
+pub fn init(logging: &LoggingConfig, telemetry: &Telemetry) -> LogControl {
     let from_env = EnvFilter::try_from_default_env().ok();
     let is_env = from_env.is_some();
     let filter = from_env
         .or_else(|| EnvFilter::try_new(&logging.level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let (filter, handle) = reload::Layer::new(filter);
+    let (filter, handle) = reload::Layer::new(for_logs(filter));
     let wants_journal = match logging.output {
         LogOutput::Journald => true,
         LogOutput::Stderr => false,
@@ -100,11 +115,18 @@ pub fn init(logging: &LoggingConfig) -> LogControl {
             .flatten_event(true)
             .with_writer(std::io::stderr)
     });
+    let export = telemetry.provider().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("llm-gateway"))
+            .with_filter(Targets::new().with_target(telemetry::TARGET, LevelFilter::INFO))
+    });
     let result = tracing_subscriber::registry()
-        .with(filter)
-        .with(journald)
-        .with(text)
-        .with(json)
+        .with(
+            tracing_subscriber::Layer::and_then(journald, text)
+                .and_then(json)
+                .with_filter(filter),
+        )
+        .with(export)
         .try_init();
     if let Err(e) = result {
         eprintln!("logging already initialised: {e}");

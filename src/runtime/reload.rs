@@ -82,6 +82,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("storage", running.storage != new.storage),
         ("ledger", running.ledger != new.ledger),
+        ("tracing", running.tracing != new.tracing),
         (
             "logging.format",
             running.logging.format != new.logging.format,
