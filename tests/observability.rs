@@ -12,7 +12,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::prometheus::{Prometheus, promtool};
 use common::{Gateway, backend, client, mock, mock_with, model};
@@ -251,18 +250,7 @@ async fn a_real_prometheus_evaluates_every_shipped_rule_against_a_gateway() {
         } else {
             expr
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let result = prometheus.query(signal).await;
-            if result.as_ref().is_ok_and(|v| !v.is_empty()) {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name}: {signal} returns {result:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        prometheus.wait_for_series(name, signal).await;
     }
     // Every rule has been evaluated without error by now.
     let groups = prometheus.api("rules", &[]).await.unwrap()["groups"].clone();
@@ -380,18 +368,7 @@ async fn every_dashboard_query_returns_series_from_a_real_prometheus() {
             .cloned()
             .collect();
         assert!(unknown.is_empty(), "{name} reads {unknown:?}, not exported");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let result = prometheus.query(&promql).await;
-            if result.as_ref().is_ok_and(|v| !v.is_empty()) {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name}: {promql} returns {result:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        prometheus.wait_for_series(name, &promql).await;
     }
 }
 

@@ -143,6 +143,23 @@ impl Prometheus {
         Ok(data["result"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Waits until `expr` returns at least one series; fails after 30 s with the last
+    /// answer, naming `what`.
+    pub async fn wait_for_series(&self, what: &str, expr: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let result = self.query(expr).await;
+            if result.as_ref().is_ok_and(|v| !v.is_empty()) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: {expr} returns {result:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until every target is up (scraped without error).
     pub async fn wait_until_scraped(&self, targets: usize) {
         let mut last = String::new();
