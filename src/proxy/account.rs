@@ -244,9 +244,7 @@ impl Record {
             "request finished"
         );
     }
-}
 
-impl Record {
     /// The request's outcome on its exported span, which ends when the record is dropped.
     fn record_trace(&self, status: u16, tokens: Option<Tokens>, error: Option<&str>) {
         let span = &self.trace;
