@@ -91,7 +91,7 @@ fn example_config_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/llm-gateway.toml");
     let o = run(&["check-config", "--config", example], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("ok (2 models, 3 backends)"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok (3 models, 3 backends)"));
 }
 
 #[test]

@@ -32,6 +32,12 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("Unknown request URL: {0}.")]
     UnknownPath(String),
+    #[error("The model `{model}` is not served on {path} (it serves: {served}).")]
+    EndpointNotServed {
+        model: String,
+        path: &'static str,
+        served: String,
+    },
     #[error("Send exactly one Host header (RFC 9112, section 3.2).")]
     InvalidHost,
     #[error("Method {0} is not allowed for this URL.")]
@@ -98,7 +104,9 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::ModelNotFound(_) | Self::UnknownPath(_) => StatusCode::NOT_FOUND,
+            Self::ModelNotFound(_) | Self::UnknownPath(_) | Self::EndpointNotServed { .. } => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
@@ -139,6 +147,7 @@ impl ApiError {
             Self::BodyBroken => "invalid_body",
             Self::ModelNotFound(_) => "model_not_found",
             Self::UnknownPath(_) => "unknown_path",
+            Self::EndpointNotServed { .. } => "endpoint_not_served",
             Self::InvalidHost => "invalid_host_header",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::Unauthorized(_) => "unauthorized",
@@ -174,7 +183,9 @@ impl ApiError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::InvalidParam { param, .. } => Some(param),
-            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => Some("model"),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) | Self::EndpointNotServed { .. } => {
+                Some("model")
+            }
             _ => None,
         }
     }

@@ -4,32 +4,38 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::Method;
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, get};
 
 use crate::api::{request_context, status};
-use crate::proxy;
+use crate::proxy::{self, Endpoint};
 use crate::runtime::state::AppState;
 
 /// One route: method, path, handler.
 pub type RouteEntry = (Method, &'static str, MethodRouter<Arc<AppState>>);
 
+/// Further paths vLLM serves an endpoint on.
+const ALIASES: [(&str, Endpoint); 3] = [
+    ("/rerank", Endpoint::Rerank),
+    ("/v2/rerank", Endpoint::Rerank),
+    ("/score", Endpoint::Score),
+];
+
 /// Every route of the API listener (`/metrics` too unless it has its own listener). Each
 /// one is behind `authn::authenticate` (in `request_context::api_request`) unless its path
 /// is in `authn::PUBLIC`.
 pub fn api_table(with_metrics: bool) -> Vec<RouteEntry> {
-    let mut table = vec![
-        (
-            Method::POST,
-            "/v1/chat/completions",
-            post(proxy::chat_completions),
-        ),
-        (Method::POST, "/v1/completions", post(proxy::completions)),
-        (Method::POST, "/v1/embeddings", post(proxy::embeddings)),
+    let proxied = Endpoint::ALL
+        .iter()
+        .map(|e| (e.route(), *e))
+        .chain(ALIASES)
+        .map(|(path, e)| (Method::POST, path, proxy::handler(e)));
+    let mut table: Vec<RouteEntry> = proxied.collect();
+    table.extend([
         (Method::GET, "/v1/models", get(status::list_models)),
         (Method::GET, "/v1/models/{*model}", get(status::get_model)),
         (Method::GET, "/health", get(status::health)),
         (Method::GET, "/ready", get(status::ready)),
-    ];
+    ]);
     if with_metrics {
         table.push((Method::GET, "/metrics", get(status::metrics)));
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::endpoints::{Endpoint, EndpointSet};
 use super::secret::SecretRef;
 use super::{Config, ConfigError, DurationSetting, MAX_WEIGHT, fail_if};
 
@@ -68,6 +69,19 @@ pub struct ModelConfig {
     pub name: String,
     /// Backends serving it (at least one).
     pub routes: Vec<RouteConfig>,
+    /// The API endpoints its backends serve (`chat_completions`, `rerank`, ...); every
+    /// endpoint when absent. A request to another one is answered 404 by the gateway.
+    #[serde(default)]
+    pub endpoints: Option<Vec<Endpoint>>,
+}
+
+impl ModelConfig {
+    /// The endpoints its backends serve.
+    pub fn endpoint_set(&self) -> EndpointSet {
+        self.endpoints
+            .as_deref()
+            .map_or_else(EndpointSet::all, EndpointSet::from_list)
+    }
 }
 
 /// `[[models.routes]]`: one backend for a model.
@@ -144,6 +158,11 @@ impl Config {
                 m.routes.is_empty(),
                 format!("models[{i}].routes"),
                 "needs at least one route",
+            )?;
+            fail_if(
+                m.endpoints.as_ref().is_some_and(Vec::is_empty),
+                format!("models[{i}].endpoints"),
+                "names no endpoint: leave it out to serve every endpoint",
             )?;
             let mut seen = HashSet::new();
             for (j, r) in m.routes.iter().enumerate() {

@@ -9,6 +9,7 @@
 
 mod auth;
 mod backends;
+mod endpoints;
 mod logging;
 pub mod secret;
 mod server;
@@ -18,6 +19,7 @@ mod upstream;
 
 pub use auth::{AuthConfig, AuthMode};
 pub use backends::{BackendConfig, ModelConfig, RouteConfig};
+pub use endpoints::{Endpoint, EndpointSet};
 pub use logging::{AccessLog, LogFormat, LogOutput, LoggingConfig};
 pub use server::ServerConfig;
 pub use storage::{LedgerConfig, SpoolFullPolicy, StorageConfig};

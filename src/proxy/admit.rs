@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::Endpoint;
 use super::account::Record;
+use super::endpoint::Metering;
 use super::held_body::Guards;
 use super::read::Parsed;
 use super::tokens::Tokens;
@@ -65,22 +66,26 @@ pub(crate) fn authorize<'c>(
     }
     record.stream = parsed.stream;
     let Some(key) = record.key.clone() else {
+        served(model, endpoint)?;
         return Ok(model);
     };
     if !key.allows(&parsed.model) {
         state.metrics.auth_failure("model_not_allowed");
         return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
     }
+    served(model, endpoint)?;
     let Some(limiter) = &key.limiter else {
         return Ok(model);
     };
-    let completion = match endpoint {
-        Endpoint::Embeddings => 0,
-        _ => parsed
-            .max_output_tokens
-            .unwrap_or(current.config.auth.reserve_completion_tokens),
+    let estimate = match endpoint.metering() {
+        Metering::Generation => Tokens::estimate_from_bytes(parsed.prompt_bytes).saturating_add(
+            parsed
+                .max_output_tokens
+                .unwrap_or(current.config.auth.reserve_completion_tokens),
+        ),
+        Metering::Input => Tokens::estimate_from_bytes(parsed.prompt_bytes),
+        Metering::Free => 0,
     };
-    let estimate = Tokens::estimate_from_bytes(parsed.prompt_bytes).saturating_add(completion);
     match limiter.acquire(estimate, state.limit_share()) {
         Ok(grant) => {
             record.limits = Some(grant.snapshot);
@@ -96,4 +101,17 @@ pub(crate) fn authorize<'c>(
             Err(ApiError::RateLimited(refusal))
         }
     }
+}
+
+/// The model's backends serve `endpoint`, or a 404 that says which endpoints they do serve.
+fn served(model: &Model, endpoint: Endpoint) -> Result<(), ApiError> {
+    if model.endpoints.contains(endpoint) {
+        return Ok(());
+    }
+    let served: Vec<&str> = model.endpoints.iter().map(Endpoint::route).collect();
+    Err(ApiError::EndpointNotServed {
+        model: model.name.to_string(),
+        path: endpoint.route(),
+        served: served.join(", "),
+    })
 }

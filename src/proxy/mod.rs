@@ -35,6 +35,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::HeaderValue;
 use axum::response::Response;
+use axum::routing::{MethodRouter, post};
 
 use crate::api::authn::Caller;
 use crate::api::error::ApiError;
@@ -45,22 +46,13 @@ use account::Record;
 use attempt::Reply;
 pub(crate) use endpoint::Endpoint;
 
-/// `POST /v1/chat/completions`
-pub(crate) async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-) -> Response {
-    handle(state, Endpoint::Chat, request).await
-}
-
-/// `POST /v1/completions`
-pub(crate) async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    handle(state, Endpoint::Completions, request).await
-}
-
-/// `POST /v1/embeddings`
-pub(crate) async fn embeddings(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    handle(state, Endpoint::Embeddings, request).await
+/// The handler of a proxied endpoint (`POST` on its paths).
+pub(crate) fn handler(endpoint: Endpoint) -> MethodRouter<Arc<AppState>> {
+    post(
+        move |State(state): State<Arc<AppState>>, request: Request| {
+            handle(state, endpoint, request)
+        },
+    )
 }
 
 /// A reply with what the response side needs to know about the request.

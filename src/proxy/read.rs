@@ -56,16 +56,14 @@ pub(crate) async fn read(
         return Err(ApiError::InvalidParam {
             param: "stream",
             code: "unsupported_parameter",
-            message: "Streaming is not supported for embeddings.".to_owned(),
+            message: format!("Streaming is not supported on {}.", endpoint.route()),
         });
     }
-    let client_usage = head.include_usage()?;
-    endpoint.required(match endpoint {
-        Endpoint::Chat => head.messages,
-        Endpoint::Completions => head.prompt,
-        Endpoint::Embeddings => head.input,
-    })?;
-    let strip_usage = stream && config.upstream.request_stream_usage && !client_usage;
+    endpoint.check(|name| head.field(name))?;
+    // Only chat and completions streams carry usage just when asked for it.
+    let asks = stream && endpoint.stream_usage_on_request();
+    let client_usage = endpoint.stream_usage_on_request() && head.include_usage()?;
+    let strip_usage = asks && config.upstream.request_stream_usage && !client_usage;
     Ok(Parsed {
         model,
         stream,
@@ -96,6 +94,15 @@ struct Head<'a> {
     max_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     max_completion_tokens: Option<&'a RawValue>,
+    /// The Responses API's bound.
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    query: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    documents: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tokens: Option<&'a RawValue>,
 }
 
 impl<'a> Head<'a> {
@@ -106,6 +113,19 @@ impl<'a> Head<'a> {
             ));
         }
         serde_json::from_slice(raw).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    }
+
+    /// A field `Endpoint::check` asks for (only those it requires are kept).
+    fn field(&self, name: &str) -> Option<&'a RawValue> {
+        match name {
+            "messages" => self.messages,
+            "prompt" => self.prompt,
+            "input" => self.input,
+            "query" => self.query,
+            "documents" => self.documents,
+            "tokens" => self.tokens,
+            _ => None,
+        }
     }
 
     /// Whether the client asked for the usage chunk itself (`stream_options.include_usage`).
@@ -143,6 +163,7 @@ impl<'a> Head<'a> {
     /// a token rate limit up front, as OpenAI does.
     fn max_output_tokens(&self) -> Option<u64> {
         self.max_completion_tokens
+            .or(self.max_output_tokens)
             .or(self.max_tokens)
             .and_then(|v| v.get().parse::<u64>().ok())
     }
@@ -211,6 +232,34 @@ async fn discard(body: &mut axum::body::Body, max: u64) {
                 seen += frame.data_ref().map_or(0, |d| d.len() as u64);
             }
             _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every parameter an endpoint requires is one `Head` reads: a body carrying all of
+    /// them passes every endpoint's check, and one without them fails where one is needed.
+    #[test]
+    fn every_required_parameter_is_read_from_the_body() {
+        let full = br#"{"model":"m","messages":[],"prompt":"p","input":"i","query":"q","documents":[],"tokens":[1]}"#;
+        let head = Head::parse(full).unwrap();
+        let bare = Head::parse(br#"{"model":"m"}"#).unwrap();
+        for endpoint in Endpoint::ALL {
+            endpoint
+                .check(|name| head.field(name))
+                .unwrap_or_else(|e| panic!("{endpoint:?}: {e}"));
+            let needs = !matches!(
+                endpoint,
+                Endpoint::Responses | Endpoint::Score | Endpoint::Tokenize | Endpoint::Pooling
+            );
+            assert_eq!(
+                endpoint.check(|name| bare.field(name)).is_err(),
+                needs,
+                "{endpoint:?}"
+            );
         }
     }
 }

@@ -12,7 +12,7 @@ use super::account::Record;
 use super::attempt::Reply;
 use super::held_body::{Guards, HeldBody};
 use super::relay::{Relay, StreamEnd, StreamSummary};
-use super::sse::SseScanner;
+use super::sse::{Dialect, SseScanner};
 use super::tokens::{self, Tokens};
 use crate::api::error::{ApiError, rate_limit_headers};
 use crate::storage::database::usage_rows::Outcome;
@@ -30,19 +30,12 @@ pub(crate) async fn answer(
     match reply {
         Reply::Full { content_type, body } => {
             let reported = tokens::from_response_body(&body);
-            let tokens = if endpoint == Endpoint::Embeddings {
-                // Embeddings produce no completion tokens; only the prompt counts.
-                let mut t = Tokens::from_usage(reported, prompt_bytes, 0);
-                t.completion = 0;
-                t.estimated = reported.and_then(|u| u.prompt_tokens).is_none();
-                t
-            } else {
-                Tokens::from_usage(
-                    reported,
-                    prompt_bytes,
-                    Tokens::estimate_from_bytes(body.len()),
-                )
-            };
+            let tokens = Tokens::metered(
+                endpoint.metering(),
+                reported,
+                prompt_bytes,
+                Tokens::estimate_from_bytes(body.len()),
+            );
             record.finish(200, Some(tokens), None, Outcome::Complete);
             // The permit is released once the connection has taken the body.
             let mut response = Response::new(Body::new(HeldBody::new(body, guards)));
@@ -63,8 +56,12 @@ pub(crate) async fn answer(
             let limits = record.limits;
             let on_end = Box::new(move |summary: StreamSummary| {
                 let _guards = guards;
-                let tokens =
-                    Tokens::from_usage(summary.usage, prompt_bytes, summary.content_events);
+                let tokens = Tokens::metered(
+                    endpoint.metering(),
+                    summary.usage,
+                    prompt_bytes,
+                    summary.content_events,
+                );
                 match summary.end {
                     StreamEnd::Complete => attempt.success(),
                     StreamEnd::ClientGone => {}
@@ -93,7 +90,7 @@ pub(crate) async fn answer(
             let mut relay = Relay::new(
                 first,
                 upstream,
-                SseScanner::new(strip_usage),
+                SseScanner::new(strip_usage, Dialect::of(endpoint)),
                 idle_timeout,
                 on_end,
             );

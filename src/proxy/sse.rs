@@ -9,13 +9,39 @@ use memchr::memmem;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use crate::proxy::Endpoint;
 use crate::proxy::tokens::Usage;
+
+/// Which event stream an endpoint sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// Chat and completions chunks: content in `choices`, usage in a chunk of its own,
+    /// `data: [DONE]` at the end.
+    #[default]
+    Chunks,
+    /// The Responses API's typed events: content in `*.delta` events, usage in the
+    /// `response` of the last one (`response.completed`, `.incomplete` or `.failed`),
+    /// which ends the stream; no `[DONE]`.
+    Responses,
+}
+
+impl Dialect {
+    /// The stream `endpoint` sends.
+    pub fn of(endpoint: Endpoint) -> Self {
+        if endpoint == Endpoint::Responses {
+            Self::Responses
+        } else {
+            Self::Chunks
+        }
+    }
+}
 
 /// Splits a byte stream into SSE events and inspects each one without re-serialising it.
 #[derive(Debug, Default)]
 pub struct SseScanner {
     buf: BytesMut,
     strip_usage_chunk: bool,
+    dialect: Dialect,
     /// Usage seen so far (field-wise maximum).
     pub usage: Option<Usage>,
     /// Data events other than usage-only chunks and `[DONE]`: about one token each.
@@ -25,10 +51,12 @@ pub struct SseScanner {
 }
 
 impl SseScanner {
-    /// A scanner; with `strip_usage_chunk`, chunks carrying usage and no choices are removed.
-    pub fn new(strip_usage_chunk: bool) -> Self {
+    /// A scanner of `dialect`; with `strip_usage_chunk`, chunks carrying usage and no
+    /// choices are removed.
+    pub fn new(strip_usage_chunk: bool, dialect: Dialect) -> Self {
         Self {
             strip_usage_chunk,
+            dialect,
             ..Self::default()
         }
     }
@@ -112,6 +140,10 @@ impl SseScanner {
             self.done = true;
             return true;
         }
+        if self.dialect == Dialect::Responses {
+            self.inspect_typed(data);
+            return true;
+        }
         if has_usage_object(data) {
             #[derive(Deserialize)]
             struct Chunk {
@@ -131,6 +163,40 @@ impl SseScanner {
         }
         self.content_events += 1;
         true
+    }
+}
+
+impl SseScanner {
+    /// A Responses API event: counts deltas, takes the usage of the final event.
+    fn inspect_typed(&mut self, data: &[u8]) {
+        #[derive(Deserialize)]
+        struct Event<'a> {
+            #[serde(rename = "type", borrow, default)]
+            kind: Option<Cow<'a, str>>,
+            #[serde(default)]
+            response: Option<Inner>,
+        }
+        #[derive(Deserialize)]
+        struct Inner {
+            #[serde(default)]
+            usage: Option<Usage>,
+        }
+        let Ok(event) = serde_json::from_slice::<Event<'_>>(data) else {
+            return;
+        };
+        let kind = event.kind.as_deref().unwrap_or("");
+        if kind.ends_with(".delta") {
+            self.content_events += 1;
+        }
+        if matches!(
+            kind,
+            "response.completed" | "response.incomplete" | "response.failed"
+        ) {
+            self.done = true;
+            if let Some(u) = event.response.and_then(|r| r.usage) {
+                self.usage.get_or_insert_with(Usage::default).merge(u);
+            }
+        }
     }
 }
 
@@ -201,7 +267,7 @@ mod tests {
     const DONE: &str = "data: [DONE]\n\n";
 
     fn run(strip: bool, pieces: &[&[u8]]) -> (String, SseScanner) {
-        let mut s = SseScanner::new(strip);
+        let mut s = SseScanner::new(strip, Dialect::Chunks);
         let mut out = Vec::new();
         for p in pieces {
             out.extend_from_slice(&s.push(Bytes::copy_from_slice(p)));
@@ -259,10 +325,34 @@ mod tests {
         assert_eq!(data_field(lead).as_deref(), Some(&b"x"[..]));
         assert_eq!(data_field(b": comment\n\n"), None);
         // A usage chunk sent over two data lines is still read.
-        let mut s = SseScanner::new(true);
+        let mut s = SseScanner::new(true, Dialect::Chunks);
         let split = "data: {\"choices\":[],\ndata: \"usage\":{\"completion_tokens\":4}}\n\n";
         assert_eq!(s.push(Bytes::from(split)), Bytes::new());
         assert_eq!(s.usage.unwrap().completion_tokens, Some(4));
+    }
+
+    #[test]
+    fn a_responses_stream_ends_with_its_completed_event_and_its_usage() {
+        let events = [
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"a\"}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"b\"}\n\n",
+            "event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"text\":\"ab\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"usage\":{\"input_tokens\":5,\"output_tokens\":2,\"total_tokens\":7}}}\n\n",
+        ];
+        let mut s = SseScanner::new(false, Dialect::Responses);
+        let mut out = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            out.extend_from_slice(&s.push(Bytes::from_static(e.as_bytes())));
+            assert_eq!(s.done, i == events.len() - 1, "after event {i}");
+        }
+        assert_eq!(out, events.concat().into_bytes(), "every event passed on");
+        assert_eq!(s.content_events, 2);
+        let usage = s.usage.unwrap();
+        assert_eq!(
+            (usage.prompt_tokens, usage.completion_tokens),
+            (Some(5), Some(2))
+        );
     }
 
     #[test]

@@ -2,13 +2,19 @@
 
 use serde::Deserialize;
 
-/// A usage object as OpenAI-compatible servers send it; absent fields stay `None`.
+use super::endpoint::Metering;
+
+/// A usage object as OpenAI-compatible servers send it; absent fields stay `None`. The
+/// Responses API names the first two `input_tokens` and `output_tokens`; rerank reports
+/// only `total_tokens`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub total_tokens: Option<u64>,
 }
 
 impl Usage {
@@ -17,6 +23,7 @@ impl Usage {
     pub fn merge(&mut self, other: Usage) {
         self.prompt_tokens = max_opt(self.prompt_tokens, other.prompt_tokens);
         self.completion_tokens = max_opt(self.completion_tokens, other.completion_tokens);
+        self.total_tokens = max_opt(self.total_tokens, other.total_tokens);
     }
 }
 
@@ -50,6 +57,28 @@ impl Tokens {
             prompt: prompt.unwrap_or((prompt_bytes as u64).div_ceil(BYTES_PER_TOKEN)),
             completion: completion.unwrap_or(completion_estimate),
             estimated: prompt.is_none() || completion.is_none(),
+        }
+    }
+
+    /// The counts for an endpoint that meters `metering`: reported where present, else
+    /// estimated (prompt from the request's size, completion as `completion_estimate`).
+    pub(crate) fn metered(
+        metering: Metering,
+        usage: Option<Usage>,
+        prompt_bytes: usize,
+        completion_estimate: u64,
+    ) -> Self {
+        match metering {
+            Metering::Generation => Self::from_usage(usage, prompt_bytes, completion_estimate),
+            Metering::Input => {
+                let reported = usage.and_then(|u| u.prompt_tokens.or(u.total_tokens));
+                Self {
+                    prompt: reported.unwrap_or((prompt_bytes as u64).div_ceil(BYTES_PER_TOKEN)),
+                    completion: 0,
+                    estimated: reported.is_none(),
+                }
+            }
+            Metering::Free => Self::default(),
         }
     }
 
@@ -89,10 +118,12 @@ mod tests {
         let mut u = Usage {
             prompt_tokens: Some(10),
             completion_tokens: Some(1),
+            total_tokens: None,
         };
         u.merge(Usage {
             prompt_tokens: None,
             completion_tokens: Some(7),
+            total_tokens: None,
         });
         assert_eq!(u.prompt_tokens, Some(10));
         assert_eq!(u.completion_tokens, Some(7));
@@ -106,6 +137,7 @@ mod tests {
             Some(Usage {
                 prompt_tokens: Some(3),
                 completion_tokens: Some(4),
+                total_tokens: None,
             }),
             1000,
             99,
@@ -125,5 +157,21 @@ mod tests {
         assert_eq!(from_response_body(quoted).unwrap().prompt_tokens, Some(1));
         let only_quoted = br#"{"choices":[{"text":"\"usage\": {\"prompt_tokens\": 99}"}]}"#;
         assert_eq!(from_response_body(only_quoted), None);
+    }
+
+    #[test]
+    fn every_endpoints_usage_is_read_by_its_metering() {
+        let responses = from_response_body(
+            br#"{"id":"resp_1","output":[],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"total_tokens":13}}"#,
+        );
+        let t = Tokens::metered(Metering::Generation, responses, 1000, 99);
+        assert_eq!((t.prompt, t.completion, t.estimated), (9, 4, false));
+        let rerank = from_response_body(br#"{"id":"r","usage":{"total_tokens":21},"results":[]}"#);
+        let t = Tokens::metered(Metering::Input, rerank, 1000, 99);
+        assert_eq!((t.prompt, t.completion, t.estimated), (21, 0, false));
+        let t = Tokens::metered(Metering::Input, None, 40, 99);
+        assert_eq!((t.prompt, t.completion, t.estimated), (10, 0, true));
+        let t = Tokens::metered(Metering::Free, rerank, 1000, 99);
+        assert_eq!((t.prompt, t.completion, t.estimated), (0, 0, false));
     }
 }

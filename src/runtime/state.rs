@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 
 use crate::access::keys::KeyTable;
 use crate::config::secret::Secret;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, EndpointSet};
 use crate::runtime::metrics::Metrics;
 use crate::storage::ledger::Ledger;
 use crate::upstream::{Backend, Route};
@@ -23,6 +23,8 @@ pub struct Model {
     pub name: Arc<str>,
     /// Backends serving it.
     pub routes: Vec<Route>,
+    /// The endpoints its backends serve.
+    pub endpoints: EndpointSet,
 }
 
 /// What a configuration turns into: the part of the state a reload replaces as a whole.
@@ -107,7 +109,14 @@ impl Configured {
                 .collect();
             let name: Arc<str> = Arc::from(m.name.as_str());
             model_order.push(Arc::clone(&name));
-            models.insert(m.name.clone(), Model { name, routes });
+            models.insert(
+                m.name.clone(),
+                Model {
+                    name,
+                    routes,
+                    endpoints: m.endpoint_set(),
+                },
+            );
         }
         let max = config.server.max_concurrent_requests;
         let limiter = match previous {

@@ -25,7 +25,18 @@ pub enum BuildError {
 }
 
 /// Paths (relative to `base_url`) whose URIs are built once at start.
-pub const PROXIED_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
+pub const PROXIED_PATHS: [&str; 6] = [
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+    "/rerank",
+    "/score",
+];
+
+/// Paths vLLM serves beside `/v1` rather than under it: relative to the base URL's root,
+/// which is `base_url` without a trailing `/v1` (`http://h:8000/v1` -> `http://h:8000`).
+pub const ROOT_PATHS: [&str; 4] = ["/tokenize", "/detokenize", "/pooling", "/classify"];
 
 /// Where one endpoint's requests go, as HTTP/1 needs it.
 #[derive(Debug, Clone)]
@@ -184,9 +195,12 @@ impl Backend {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let base_url = cfg.base_url.trim_end_matches('/').to_owned();
+        let root = base_url.strip_suffix("/v1").unwrap_or(&base_url);
         let endpoints = PROXIED_PATHS
             .iter()
-            .filter_map(|p| Some((*p, Target::parse(&format!("{base_url}{p}"))?)))
+            .map(|p| (*p, &*base_url))
+            .chain(ROOT_PATHS.iter().map(|p| (*p, root)))
+            .filter_map(|(p, base)| Some((p, Target::parse(&format!("{base}{p}"))?)))
             .collect();
         let authorization = api_key.as_ref().and_then(|k| {
             let mut v = HeaderValue::try_from(format!("Bearer {}", k.expose())).ok()?;

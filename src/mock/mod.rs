@@ -1,7 +1,15 @@
 //! A mock OpenAI-compatible upstream (NOT a language model) for the demo, the tests and the
 //! benchmark. It can stream, delay, fail with any status, break off mid-stream, hang, or
-//! leave out usage, and it counts what it saw.
+//! leave out usage, and it counts what it saw. Here: its behaviour and state, the routes,
+//! and what every endpoint shares; the answers by kind in `generate.rs` (chat,
+//! completions), `responses.rs` (the Responses API) and `encode.rs` (everything that
+//! generates no text).
 
+mod encode;
+mod generate;
+mod responses;
+
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,14 +17,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+
+use encode::PerInput;
 
 /// How the mock answers; change it at any time with [`MockUpstream::set`].
 #[derive(Debug, Clone)]
@@ -73,11 +83,15 @@ pub struct MockState {
     /// Streams sent to the end.
     pub completed_streams: AtomicU64,
     last_request: Mutex<Option<SeenRequest>>,
+    /// Stored responses (Responses API), oldest first, at most `responses::STORED_MAX`.
+    stored: Mutex<VecDeque<(String, Value)>>,
 }
 
 /// What the mock saw of the last generation request.
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
+    /// The request's path (and query).
+    pub path: String,
     /// The JSON body.
     pub body: Value,
     /// The body's bytes as received.
@@ -117,6 +131,38 @@ impl MockState {
         );
     }
 
+    /// A stored response by id.
+    fn stored(&self, id: &str) -> Option<Value> {
+        let stored = self
+            .stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        stored.iter().find(|(i, _)| i == id).map(|(_, v)| v.clone())
+    }
+
+    /// Keeps a response, forgetting the oldest past the bound.
+    fn store(&self, id: &str, response: Value) {
+        let mut stored = self
+            .stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if stored.len() >= responses::STORED_MAX {
+            stored.pop_front();
+        }
+        stored.push_back((id.to_owned(), response));
+    }
+
+    /// Forgets a stored response; false if there was none.
+    fn forget(&self, id: &str) -> bool {
+        let mut stored = self
+            .stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = stored.len();
+        stored.retain(|(i, _)| i != id);
+        stored.len() != before
+    }
+
     /// The last generation request.
     pub fn last_request(&self) -> Option<SeenRequest> {
         self.last_request
@@ -126,15 +172,40 @@ impl MockState {
     }
 }
 
+/// The handler of an endpoint that answers one item per input.
+fn per_input(kind: PerInput) -> axum::routing::MethodRouter<Arc<MockState>> {
+    post(move |state, uri, headers, body| encode::per_input(kind, state, uri, headers, body))
+}
+
+/// The largest request body the mock reads.
+pub const BODY_LIMIT: usize = 64 << 20;
+
 /// The mock's routes.
 pub fn router(state: Arc<MockState>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/chat/completions", post(generate::chat))
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/embeddings", post(encode::embeddings))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
+        .route("/v1/rerank", post(encode::rerank))
+        .route("/rerank", post(encode::rerank))
+        .route("/v2/rerank", post(encode::rerank))
+        .route("/v1/score", post(per_input(PerInput::Score)))
+        .route("/score", post(per_input(PerInput::Score)))
+        .route("/pooling", post(per_input(PerInput::Pooling)))
+        .route("/classify", post(per_input(PerInput::Classify)))
+        .route("/tokenize", post(encode::tokenize))
+        .route("/detokenize", post(encode::detokenize))
         .route("/v1/models", get(models))
         // vLLM's liveness endpoint, which routers in front of it (vllm-router) wait for.
         .route("/health", get(|| async { StatusCode::OK }))
+        // Bodies as large as real servers take (axum's default is 2 MB, below the
+        // gateway's own default limit of 4 MiB).
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
@@ -206,6 +277,7 @@ async fn models(State(state): State<Arc<MockState>>) -> Response {
 /// Common front part of every generation endpoint: counting, failure modes, delay.
 async fn begin(
     state: &MockState,
+    uri: &Uri,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<(MockBehavior, Value), Response> {
@@ -227,6 +299,7 @@ async fn begin(
         .last_request
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(SeenRequest {
+        path: uri.path().to_owned(),
         body: request.clone(),
         raw: bytes::Bytes::copy_from_slice(body),
         authorization: text(header::AUTHORIZATION.as_str()),
@@ -251,90 +324,25 @@ async fn begin(
     Ok((b, request))
 }
 
-fn token_count(b: &MockBehavior, request: &Value) -> usize {
+pub(super) fn token_count(b: &MockBehavior, request: &Value) -> usize {
     request
         .get("max_tokens")
         .and_then(Value::as_u64)
         .map_or(b.chunks, |n| n.min(4096) as usize)
 }
 
-fn prompt_tokens(request: &Value) -> u64 {
+pub(super) fn prompt_tokens(request: &Value) -> u64 {
     (request.to_string().len() as u64).div_ceil(4)
 }
 
-async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
-    generate(state, headers, body, true).await
-}
-
-async fn completions(
-    State(state): State<Arc<MockState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    generate(state, headers, body, false).await
-}
-
-async fn generate(state: Arc<MockState>, headers: HeaderMap, body: Bytes, chat: bool) -> Response {
-    let (b, request) = match begin(&state, &headers, &body).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock")
-        .to_owned();
-    let n = token_count(&b, &request);
-    let prompt = prompt_tokens(&request);
-    let usage =
-        json!({"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n as u64});
-    if request.get("stream").and_then(Value::as_bool) != Some(true) {
-        let text: String = (0..n).map(|i| format!("tok{i} ")).collect();
-        let mut answer = if chat {
-            json!({"id":"chatcmpl-mock","object":"chat.completion","created":0,"model":model,
-                "choices":[{"index":0,"message":{"role":"assistant","content":text},"finish_reason":"stop"}]})
-        } else {
-            json!({"id":"cmpl-mock","object":"text_completion","created":0,"model":model,
-                "choices":[{"index":0,"text":text,"finish_reason":"stop"}]})
-        };
-        if b.send_usage {
-            answer["usage"] = usage;
-        }
-        return Json(answer).into_response();
-    }
-    let include_usage = b.send_usage
-        && request
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            == Some(true);
-    let chunk = |i: usize, last: bool| -> Bytes {
-        let piece = format!("tok{i} ");
-        let finish = if last { json!("stop") } else { Value::Null };
-        let mut c = if chat {
-            json!({"id":"chatcmpl-mock","object":"chat.completion.chunk","created":0,"model":model,
-                "choices":[{"index":0,"delta":{"content":piece},"finish_reason":finish}]})
-        } else {
-            json!({"id":"cmpl-mock","object":"text_completion","created":0,"model":model,
-                "choices":[{"index":0,"text":piece,"finish_reason":finish}]})
-        };
-        if include_usage {
-            c["usage"] = Value::Null;
-        }
-        Bytes::from(format!("data: {c}\n\n"))
-    };
-    let mut events: Vec<Bytes> = (0..n).map(|i| chunk(i, i + 1 == n)).collect();
-    if include_usage {
-        let u = json!({"id":"chatcmpl-mock","object":"chat.completion.chunk","created":0,"model":model,"choices":[],"usage":usage});
-        events.push(Bytes::from(format!("data: {u}\n\n")));
-    }
-    if b.send_done {
-        events.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    }
+/// An SSE response sending `events` as `b` says (delays, a break after some events),
+/// counting how the stream ended.
+fn event_stream(events: Vec<Bytes>, b: MockBehavior, state: Arc<MockState>) -> Response {
     let body = MockStream {
         events: events.into_iter(),
         sent: 0,
         behavior: b,
-        state: Arc::clone(&state),
+        state,
         finished: false,
     };
     let stream = stream::unfold(body, |mut s| async move {
@@ -392,28 +400,4 @@ impl Drop for MockStream {
             self.state.cancelled_streams.fetch_add(1, Ordering::Relaxed);
         }
     }
-}
-
-async fn embeddings(
-    State(state): State<Arc<MockState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let (b, request) = match begin(&state, &headers, &body).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let inputs = match request.get("input") {
-        Some(Value::Array(a)) => a.len(),
-        _ => 1,
-    };
-    let data: Vec<Value> = (0..inputs)
-        .map(|i| json!({"object":"embedding","index":i,"embedding":[0.1,0.2,0.3,0.4]}))
-        .collect();
-    let prompt = prompt_tokens(&request);
-    let mut answer = json!({"object":"list","data":data,"model":request.get("model")});
-    if b.send_usage {
-        answer["usage"] = json!({"prompt_tokens":prompt,"total_tokens":prompt});
-    }
-    Json(answer).into_response()
 }
