@@ -423,3 +423,217 @@ async fn the_mock_answers_like_a_real_server() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Two backends, each keeping its own stored responses (as vLLM does), and two keys.
+struct TwoHomes {
+    gw: Gateway,
+    mocks: [MockUpstream; 2],
+    keys: [String; 2],
+    _dir: tempfile::TempDir,
+}
+
+async fn two_homes() -> TwoHomes {
+    let mocks = [mock().await, mock().await];
+    let dir = tempfile::tempdir().unwrap();
+    // b0 is picked first almost always: a search for an unknown id meets its 404 first.
+    let toml = format!(
+        "[storage]\nstate_dir = {:?}\n[auth]\nmode = \"keys\"\n[health_check]\nenabled = false\n\
+         {}{}[[models]]\nname = \"m\"\nroutes = [{{ backend = \"b0\" }}, {{ backend = \"b1\" }}]\n",
+        dir.path().to_str().unwrap(),
+        backend("b0", &mocks[0].base_url(), "weight = 1000"),
+        backend("b1", &mocks[1].base_url(), "weight = 1"),
+    );
+    let config = Config::from_toml(&toml).unwrap();
+    let store = Store::open(&config).await.unwrap();
+    let mut keys = Vec::new();
+    for name in ["k1", "k2"] {
+        let key = generate_key(name, None, Limits::default(), None);
+        store.insert_key(&key.row).await.unwrap();
+        keys.push(key.secret);
+    }
+    let gw = Gateway::start(&toml).await;
+    TwoHomes {
+        gw,
+        mocks,
+        keys: keys.try_into().unwrap(),
+        _dir: dir,
+    }
+}
+
+impl TwoHomes {
+    fn requests(&self) -> [u64; 2] {
+        self.mocks
+            .each_ref()
+            .map(|m| m.state.requests.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    async fn call(
+        &self,
+        key: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = client()
+            .request(method, self.gw.url(path))
+            .bearer_auth(&self.keys[key]);
+        if let Some(body) = body {
+            r = r.json(&body);
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a stored response with `key` (streamed or not); returns its id and the
+    /// index of the backend that made it.
+    async fn create(&self, key: usize, stream: bool) -> (String, usize) {
+        let before = self.requests();
+        let body = json!({"model":"m","input":"hi","stream":stream});
+        let r = client()
+            .post(self.gw.url("/v1/responses"))
+            .bearer_auth(&self.keys[key])
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let id = if stream {
+            let text = r.text().await.unwrap();
+            let created = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            let v: Value = serde_json::from_str(created).unwrap();
+            v["response"]["id"].as_str().unwrap().to_owned()
+        } else {
+            let v: Value = r.json().await.unwrap();
+            v["id"].as_str().unwrap().to_owned()
+        };
+        // b0 is asked first: when b1 was asked as well, b0 failed and b1 answered.
+        let after = self.requests();
+        let home = (0..2).rev().find(|i| after[*i] > before[*i]).unwrap();
+        (id, home)
+    }
+}
+
+/// A follow-up (`previous_response_id`) and GET/DELETE of a stored response reach the
+/// backend that has it, only for the key that made it; the gateway forgets a deleted one.
+#[tokio::test]
+async fn a_stored_response_is_reached_on_its_own_backend_by_its_own_key() {
+    let s = two_homes().await;
+    // Until both backends hold one (b1 is picked rarely: make it hold one directly).
+    let mut made = Vec::new();
+    for stream in [false, true] {
+        made.push(s.create(0, stream).await);
+    }
+    s.mocks[0].set(|b| b.fail_status = Some(503));
+    made.push(s.create(0, false).await);
+    made.push(s.create(0, true).await);
+    s.mocks[0].set(|b| b.fail_status = None);
+    assert!(made.iter().any(|(_, home)| *home == 0));
+    assert!(made.iter().any(|(_, home)| *home == 1));
+    for (id, home) in &made {
+        let before = s.requests();
+        let (status, answer) = s
+            .call(
+                0,
+                reqwest::Method::POST,
+                "/v1/responses",
+                Some(json!({"model":"m","input":"more","previous_response_id":id})),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["previous_response_id"], json!(id));
+        let after = s.requests();
+        assert_eq!(after[*home], before[*home] + 1, "sent to its home");
+        assert_eq!(after[1 - home], before[1 - home], "and nowhere else");
+
+        let path = format!("/v1/responses/{id}");
+        let (status, answer) = s.call(0, reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["id"], json!(id));
+
+        // The other key is told it does not exist, and no backend is asked.
+        let before = s.requests();
+        let (status, answer) = s.call(1, reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 404);
+        assert_eq!(answer["error"]["code"], "response_not_found");
+        let (status, answer) = s
+            .call(
+                1,
+                reqwest::Method::POST,
+                "/v1/responses",
+                Some(json!({"model":"m","input":"x","previous_response_id":id})),
+            )
+            .await;
+        assert_eq!(status, 404);
+        assert_eq!(answer["error"]["code"], "previous_response_not_found");
+        assert_eq!(answer["error"]["param"], "previous_response_id");
+        assert_eq!(s.requests(), before);
+    }
+    let (id, _) = &made[0];
+    let path = format!("/v1/responses/{id}");
+    let (status, answer) = s.call(0, reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(
+        (status, &answer["deleted"]),
+        (200, &json!(true)),
+        "{answer}"
+    );
+    let before = s.requests();
+    let (status, _) = s.call(0, reqwest::Method::GET, &path, None).await;
+    assert_eq!(status, 404);
+    assert_eq!(s.requests(), before, "forgotten: no backend asked");
+}
+
+/// A follow-up of a response the gateway does not know (made before a restart, here made
+/// behind its back on b1) is searched for: b0's 404 sends it on to b1, and those 404s do
+/// not count against b0's circuit. One no backend has is a 404 for the client.
+#[tokio::test]
+async fn a_follow_up_of_an_unknown_response_finds_its_backend_without_ejecting_others() {
+    let s = two_homes().await;
+    for _ in 0..8 {
+        let r = client()
+            .post(format!("{}/responses", s.mocks[1].base_url()))
+            .json(&json!({"model":"m","input":"hi"}))
+            .send()
+            .await
+            .unwrap();
+        let id = r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (status, answer) = s
+            .call(
+                0,
+                reqwest::Method::POST,
+                "/v1/responses",
+                Some(json!({"model":"m","input":"more","previous_response_id":id})),
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let metrics = common::metrics_text(&s.gw).await;
+    let searched = common::metric(
+        &metrics,
+        "llm_gateway_upstream_errors_total{backend=\"b0\",kind=\"response_not_found\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(searched >= 5.0, "b0 was asked first: {searched}");
+    let health = common::health(&s.gw).await;
+    let b0 = health["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "b0")
+        .unwrap();
+    assert_eq!(b0["circuit"], "closed", "{health}");
+
+    let (status, answer) = s
+        .call(
+            0,
+            reqwest::Method::POST,
+            "/v1/responses",
+            Some(json!({"model":"m","input":"x","previous_response_id":"resp_nowhere"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    assert_eq!(answer["error"]["code"], "previous_response_not_found");
+}

@@ -32,6 +32,8 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("Unknown request URL: {0}.")]
     UnknownPath(String),
+    #[error("{}", response_not_found(.id, *.previous))]
+    ResponseNotFound { id: String, previous: bool },
     #[error("The model `{model}` is not served on {path} (it serves: {served}).")]
     EndpointNotServed {
         model: String,
@@ -104,9 +106,10 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::ModelNotFound(_) | Self::UnknownPath(_) | Self::EndpointNotServed { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            Self::ModelNotFound(_)
+            | Self::UnknownPath(_)
+            | Self::EndpointNotServed { .. }
+            | Self::ResponseNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
@@ -148,6 +151,10 @@ impl ApiError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::UnknownPath(_) => "unknown_path",
             Self::EndpointNotServed { .. } => "endpoint_not_served",
+            Self::ResponseNotFound { previous: true, .. } => "previous_response_not_found",
+            Self::ResponseNotFound {
+                previous: false, ..
+            } => "response_not_found",
             Self::InvalidHost => "invalid_host_header",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::Unauthorized(_) => "unauthorized",
@@ -186,6 +193,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::ModelNotAllowed(_) | Self::EndpointNotServed { .. } => {
                 Some("model")
             }
+            Self::ResponseNotFound { previous: true, .. } => Some("previous_response_id"),
             _ => None,
         }
     }
@@ -216,6 +224,15 @@ impl ApiError {
             _ => None,
         }
     }
+}
+
+fn response_not_found(id: &str, previous: bool) -> String {
+    let which = if previous {
+        "Previous response"
+    } else {
+        "Response"
+    };
+    format!("{which} with id '{id}' not found.")
 }
 
 fn auth_message(failure: AuthFailure) -> &'static str {

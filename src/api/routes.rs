@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::Method;
-use axum::routing::{MethodRouter, get};
+use axum::routing::{MethodRouter, delete, get, post};
 
 use crate::api::{request_context, status};
 use crate::proxy::{self, Endpoint};
@@ -31,6 +31,17 @@ pub fn api_table(with_metrics: bool) -> Vec<RouteEntry> {
         .map(|(path, e)| (Method::POST, path, proxy::handler(e)));
     let mut table: Vec<RouteEntry> = proxied.collect();
     table.extend([
+        (Method::GET, "/v1/responses/{id}", get(proxy::stored::one)),
+        (
+            Method::DELETE,
+            "/v1/responses/{id}",
+            delete(proxy::stored::one),
+        ),
+        (
+            Method::POST,
+            "/v1/responses/{id}/cancel",
+            post(proxy::stored::cancel),
+        ),
         (Method::GET, "/v1/models", get(status::list_models)),
         (Method::GET, "/v1/models/{*model}", get(status::get_model)),
         (Method::GET, "/health", get(status::health)),

@@ -25,6 +25,10 @@ pub struct UpstreamConfig {
     /// Ask streaming backends for `stream_options.include_usage` so token counts are exact;
     /// the extra usage chunk is removed again when the client did not ask for it.
     pub request_stream_usage: bool,
+    /// Stored responses (Responses API) whose backend and key the gateway remembers, so
+    /// that follow-ups and `GET`/`DELETE /v1/responses/{id}` reach the backend that has
+    /// them; the oldest is forgotten first. 0: none.
+    pub stored_responses_max: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -35,6 +39,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: Duration::from_secs(4),
             pool_max_idle_per_host: 64,
             request_stream_usage: true,
+            stored_responses_max: 100_000,
         }
     }
 }
@@ -99,6 +104,11 @@ impl Config {
             self.upstream.max_attempts == 0,
             "upstream.max_attempts",
             "must be >= 1",
+        )?;
+        fail_if(
+            self.upstream.stored_responses_max > 10_000_000,
+            "upstream.stored_responses_max",
+            "must be <= 10000000 (about 100 bytes each)",
         )?;
         let hc = &self.health_check;
         if hc.enabled {

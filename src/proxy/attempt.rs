@@ -24,6 +24,7 @@ use crate::runtime::telemetry;
 use crate::upstream::Attempt;
 use crate::upstream::balancer::{self, PickError};
 use crate::upstream::client::{BodyStream, Response};
+use crate::upstream::homes::Found;
 
 /// Largest upstream error body read (to show its message).
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -58,6 +59,10 @@ pub(crate) async fn attempt(
     let request_id = record.request_id.clone();
     let upstream = &current.config.upstream;
     let mut tried = Vec::with_capacity(model.routes.len());
+    let lookup = parsed.previous_response.as_deref();
+    if let Some(id) = lookup {
+        pin(state, model, id, record, &mut tried)?;
+    }
     let mut last_error: Option<ApiError> = None;
     let budget_end = record.started + upstream.retry_budget;
     for n in 0..upstream.max_attempts {
@@ -103,6 +108,7 @@ pub(crate) async fn attempt(
         );
         let call = Call {
             endpoint,
+            lookup,
             stream: parsed.stream,
             request_id: &request_id,
             started: record.started,
@@ -168,9 +174,40 @@ impl Failure {
     }
 }
 
+/// A follow-up of a stored response goes to the backend that has it: every other route
+/// counts as tried. One the caller's key did not make is not found; one the gateway does
+/// not remember (or whose backend no longer serves the model) goes to any backend, where a
+/// 404 means "not here" and the next one is tried.
+fn pin(
+    state: &AppState,
+    model: &Model,
+    id: &str,
+    record: &Record,
+    tried: &mut Vec<usize>,
+) -> Result<(), ApiError> {
+    let key = record.key.as_ref().map(|k| &*k.id);
+    match state.homes.find(id, key) {
+        Found::NotYours => Err(ApiError::ResponseNotFound {
+            id: id.to_owned(),
+            previous: true,
+        }),
+        Found::Unknown => Ok(()),
+        Found::Here(home) => {
+            if model.routes.iter().any(|r| r.backend.name == home) {
+                tried.extend(
+                    (0..model.routes.len()).filter(|i| model.routes[*i].backend.name != home),
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 /// One upstream call's fixed inputs.
 struct Call<'a> {
     endpoint: Endpoint,
+    /// The stored response the request needs: a 404 means this backend does not have it.
+    lookup: Option<&'a str>,
     stream: bool,
     request_id: &'a HeaderValue,
     started: Instant,
@@ -253,6 +290,19 @@ impl Call<'_> {
                 body: sanitize_upstream_error(&body, &secrets).map(Box::new),
                 retry_after,
             };
+            if let Some(id) = self.lookup
+                && status == StatusCode::NOT_FOUND
+            {
+                // Not broken, just not where the response is: try another backend.
+                drop(attempt);
+                return Err(Failure::retry(
+                    ApiError::ResponseNotFound {
+                        id: id.to_owned(),
+                        previous: true,
+                    },
+                    "response_not_found",
+                ));
+            }
             return Err(if status.is_server_error() {
                 attempt.failure();
                 Failure::retry(error, "status_5xx")

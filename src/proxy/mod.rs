@@ -13,6 +13,9 @@
 //! 6. `account.rs`: once it is over, exactly once: metrics, access log, rate-limit
 //!    settlement with the counted tokens (`tokens.rs`), the ledger record.
 //!
+//! `stored.rs` is apart from the phases: requests about one stored response, sent to the
+//! backend that has it.
+//!
 //! Authentication happened before all this, in `api::authn` (which leaves the caller in
 //! the request). May depend on `access/`, `upstream/`, `storage/` (the ledger and its record
 //! type), `runtime::{state, metrics}`, `config/` and `api/` (errors, the caller, the request
@@ -28,6 +31,7 @@ mod relay;
 mod respond;
 mod rewrite;
 mod sse;
+pub(crate) mod stored;
 pub(crate) mod tokens;
 
 use std::sync::Arc;
@@ -62,6 +66,8 @@ struct Proxied {
     strip_usage: bool,
     /// Request body size, for estimating prompt tokens.
     prompt_bytes: usize,
+    /// The backend stores the response (Responses API): remember where.
+    stored: bool,
 }
 
 /// One request through the phases.
@@ -93,11 +99,7 @@ async fn handle(state: Arc<AppState>, endpoint: Endpoint, request: Request) -> R
         Err(error) => return respond::fail(&mut record, error),
     };
     match proxy(&state, &current, endpoint, request, &mut record).await {
-        Ok(Proxied {
-            reply,
-            strip_usage,
-            prompt_bytes,
-        }) => respond::answer(endpoint, reply, strip_usage, prompt_bytes, guards, record).await,
+        Ok(proxied) => respond::answer(endpoint, proxied, guards, record).await,
         Err(error) => respond::fail(&mut record, error),
     }
 }
@@ -117,5 +119,6 @@ async fn proxy(
         reply,
         strip_usage: parsed.strip_usage,
         prompt_bytes: parsed.prompt_bytes,
+        stored: endpoint == Endpoint::Responses && parsed.store,
     })
 }

@@ -30,6 +30,10 @@ pub(crate) struct Parsed {
     pub(crate) prompt_bytes: usize,
     /// The bodies sent upstream, built from the client's bytes.
     pub(crate) bodies: Rewriter,
+    /// Responses API: the stored response this one continues.
+    pub(crate) previous_response: Option<String>,
+    /// Responses API: the backend keeps the response (`store`, true unless `false`).
+    pub(crate) store: bool,
 }
 
 /// Reads the body within the server's limits and checks it for `endpoint`.
@@ -64,7 +68,21 @@ pub(crate) async fn read(
     let asks = stream && endpoint.stream_usage_on_request();
     let client_usage = endpoint.stream_usage_on_request() && head.include_usage()?;
     let strip_usage = asks && config.upstream.request_stream_usage && !client_usage;
+    let previous_response = match head.previous_response_id {
+        Some(v) if endpoint == Endpoint::Responses && v.get() != "null" => Some(
+            serde_json::from_str::<String>(v.get())
+                .map_err(|_| ApiError::invalid_type("previous_response_id", "a string"))?,
+        ),
+        _ => None,
+    };
+    let store = match head.store.map(RawValue::get) {
+        None | Some("true" | "null") => true,
+        Some("false") => false,
+        Some(_) => return Err(ApiError::invalid_type("store", "a boolean")),
+    };
     Ok(Parsed {
+        previous_response,
+        store,
         model,
         stream,
         strip_usage,
@@ -103,6 +121,10 @@ struct Head<'a> {
     documents: Option<&'a RawValue>,
     #[serde(borrow, default)]
     tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    previous_response_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    store: Option<&'a RawValue>,
 }
 
 impl<'a> Head<'a> {

@@ -66,6 +66,7 @@ pub struct StreamSummary {
 }
 
 type OnEnd = Box<dyn FnOnce(StreamSummary) + Send>;
+type OnResponseId = Box<dyn FnOnce(String) + Send>;
 
 /// A response body stream over an upstream SSE body.
 pub struct Relay {
@@ -84,6 +85,8 @@ pub struct Relay {
     /// The first batch, gathered by `prime` before the response head went out.
     primed: Option<Option<Result<Bytes, std::io::Error>>>,
     on_end: Option<OnEnd>,
+    /// Told the stored response's id as soon as the stream names it.
+    on_response_id: Option<OnResponseId>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -115,7 +118,15 @@ impl Relay {
             deferred: None,
             primed: None,
             on_end: Some(on_end),
+            on_response_id: None,
         }
+    }
+
+    /// Calls `hook` with the response's id (Responses API) once the stream has named it,
+    /// before that event goes out, so a follow-up can never arrive before it is known.
+    pub fn on_response_id(mut self, hook: OnResponseId) -> Self {
+        self.on_response_id = Some(hook);
+        self
     }
 
     /// Gathers the first batch now, so that it leaves in the same write as the response
@@ -261,6 +272,12 @@ impl Relay {
         };
         if got_data {
             this.last_data = Instant::now();
+        }
+        if this.on_response_id.is_some()
+            && let Some(id) = this.scanner.response_id.take()
+            && let Some(hook) = this.on_response_id.take()
+        {
+            hook(id);
         }
         match (batch.take(), end) {
             (Some(out), end) => {

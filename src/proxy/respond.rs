@@ -7,28 +7,40 @@ use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
-use super::Endpoint;
+use std::sync::Arc;
+
 use super::account::Record;
 use super::attempt::Reply;
 use super::held_body::{Guards, HeldBody};
 use super::relay::{Relay, StreamEnd, StreamSummary};
 use super::sse::{Dialect, SseScanner};
 use super::tokens::{self, Tokens};
+use super::{Endpoint, Proxied};
 use crate::api::error::{ApiError, rate_limit_headers};
+use crate::runtime::state::AppState;
 use crate::storage::database::usage_rows::Outcome;
+use crate::upstream::homes::Home;
 
 /// The response for a backend's answer; `record` is settled now (whole) or when the
 /// stream ends.
 pub(crate) async fn answer(
     endpoint: Endpoint,
-    reply: Reply,
-    strip_usage: bool,
-    prompt_bytes: usize,
+    proxied: Proxied,
     guards: Guards,
     mut record: Record,
 ) -> Response {
+    let Proxied {
+        reply,
+        strip_usage,
+        prompt_bytes,
+        stored,
+    } = proxied;
+    let home = stored.then(|| home_of(&record)).flatten();
     match reply {
         Reply::Full { content_type, body } => {
+            if let Some(home) = home {
+                remember(&record.state, &body, home);
+            }
             let reported = tokens::from_response_body(&body);
             let tokens = Tokens::metered(
                 endpoint.metering(),
@@ -53,6 +65,7 @@ pub(crate) async fn answer(
             idle_timeout,
         } => {
             let provisional = record.begin_stream(prompt_bytes);
+            let state = Arc::clone(&record.state);
             let limits = record.limits;
             let on_end = Box::new(move |summary: StreamSummary| {
                 let _guards = guards;
@@ -94,6 +107,9 @@ pub(crate) async fn answer(
                 idle_timeout,
                 on_end,
             );
+            if let Some(home) = home {
+                relay = relay.on_response_id(Box::new(move |id| state.homes.remember(&id, home)));
+            }
             // A stream that is whole within its first batch gets its final record before
             // any byte goes out; a longer one leaves its provisional record first.
             if !relay.prime().await
@@ -114,6 +130,26 @@ pub(crate) async fn answer(
             }
             response
         }
+    }
+}
+
+/// Where the response the backend stores lives: the backend that answered, the caller's key.
+fn home_of(record: &Record) -> Option<Home> {
+    Some(Home {
+        backend: Arc::clone(record.backend.as_ref()?),
+        key: record.key.as_ref().map(|k| Arc::clone(&k.id)),
+    })
+}
+
+/// Remembers the home of the response whose body is `body` (its top-level `id`).
+fn remember(state: &AppState, body: &[u8], home: Home) {
+    #[derive(serde::Deserialize)]
+    struct Stored<'a> {
+        #[serde(borrow, default)]
+        id: Option<std::borrow::Cow<'a, str>>,
+    }
+    if let Ok(Stored { id: Some(id) }) = serde_json::from_slice::<Stored<'_>>(body) {
+        state.homes.remember(&id, home);
     }
 }
 

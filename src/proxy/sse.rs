@@ -46,8 +46,11 @@ pub struct SseScanner {
     pub usage: Option<Usage>,
     /// Data events other than usage-only chunks and `[DONE]`: about one token each.
     pub content_events: u64,
-    /// `data: [DONE]` was seen.
+    /// `data: [DONE]` was seen (for the Responses API: its final event).
     pub done: bool,
+    /// The response's id, from a Responses stream's first event that names it.
+    pub response_id: Option<String>,
+    id_seen: bool,
 }
 
 impl SseScanner {
@@ -179,12 +182,20 @@ impl SseScanner {
         #[derive(Deserialize)]
         struct Inner {
             #[serde(default)]
+            id: Option<String>,
+            #[serde(default)]
             usage: Option<Usage>,
         }
         let Ok(event) = serde_json::from_slice::<Event<'_>>(data) else {
             return;
         };
         let kind = event.kind.as_deref().unwrap_or("");
+        if !self.id_seen
+            && let Some(id) = event.response.as_ref().and_then(|r| r.id.clone())
+        {
+            self.id_seen = true;
+            self.response_id = Some(id);
+        }
         if kind.ends_with(".delta") {
             self.content_events += 1;
         }
@@ -348,6 +359,7 @@ mod tests {
         }
         assert_eq!(out, events.concat().into_bytes(), "every event passed on");
         assert_eq!(s.content_events, 2);
+        assert_eq!(s.response_id.as_deref(), Some("resp_1"));
         let usage = s.usage.unwrap();
         assert_eq!(
             (usage.prompt_tokens, usage.completion_tokens),

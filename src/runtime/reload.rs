@@ -50,6 +50,10 @@ enum ReloadError {
 fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&running.server, &new.server);
     [
+        (
+            "upstream.stored_responses_max",
+            running.upstream.stored_responses_max != new.upstream.stored_responses_max,
+        ),
         ("server.listen", a.listen != b.listen),
         (
             "server.metrics_listen",

@@ -14,6 +14,7 @@ use crate::config::secret::Secret;
 use crate::config::{Config, ConfigError, EndpointSet};
 use crate::runtime::metrics::Metrics;
 use crate::storage::ledger::Ledger;
+use crate::upstream::homes::Homes;
 use crate::upstream::{Backend, Route};
 
 /// A public model and its routes.
@@ -177,6 +178,8 @@ pub struct AppState {
     pub db_engine: &'static str,
     /// Outcome of the last database operation of a background task.
     pub db_up: AtomicBool,
+    /// Which backend has each stored response (Responses API).
+    pub homes: Homes,
     /// What the last configuration reload left to say.
     reload_note: Mutex<Option<ReloadNote>>,
     live_instances: AtomicUsize,
@@ -205,8 +208,10 @@ impl AppState {
         secrets: Vec<Option<Secret>>,
         storage: Storage,
     ) -> Result<Self, ConfigError> {
+        let homes = Homes::new(config.upstream.stored_responses_max);
         let configured = Configured::build(config, secrets, None)?;
         Ok(Self {
+            homes,
             configured: ArcSwap::from_pointee(configured),
             metrics: storage.metrics,
             started: Instant::now(),

@@ -1,6 +1,7 @@
 //! Where requests go: each backend with its HTTP clients, pools, in-flight count and
 //! breaker (`backend.rs`, `client.rs`, `pool.rs`, `breaker.rs`), the balancer that picks one of a model's routes
-//! (`balancer.rs`), and the health prober (`prober.rs`).
+//! (`balancer.rs`), the health prober (`prober.rs`), and which backend holds each stored
+//! response (`homes.rs`).
 //!
 //! May depend on `config/`, on `runtime::workers` (which thread's pool to use) and, for
 //! the prober's task, `runtime::{state, periodic}`.
@@ -9,6 +10,7 @@ pub(crate) mod backend;
 pub(crate) mod balancer;
 pub(crate) mod breaker;
 pub(crate) mod client;
+pub(crate) mod homes;
 pub(crate) mod pool;
 pub(crate) mod prober;
 
