@@ -631,6 +631,8 @@ async fn client_disconnect_cancels_the_upstream_stream() {
     assert_eq!(h["backends"][0]["in_flight"], 0);
 }
 
+/// Without a queue (`queue_max = 0`), a saturated model answers 503 at once
+/// (tests/fairness.rs has the queue).
 #[tokio::test]
 async fn a_full_backend_is_skipped_and_503_when_all_are_full() {
     let up = mock_with(MockBehavior {
@@ -639,7 +641,7 @@ async fn a_full_backend_is_skipped_and_503_when_all_are_full() {
     })
     .await;
     let toml = format!(
-        "[health_check]\nenabled = false\n{}{}",
+        "[health_check]\nenabled = false\n[upstream]\nqueue_max = 0\n{}{}",
         backend("b", &up.base_url(), "max_concurrency = 1"),
         model("m", &["b"])
     );

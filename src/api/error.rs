@@ -62,6 +62,14 @@ pub enum ApiError {
     NoHealthyBackend(String),
     #[error("All backends for model `{0}` are at their concurrency limit; retry shortly.")]
     BackendsSaturated(String),
+    #[error(
+        "All backends for model `{0}` are at their concurrency limit and its queue is full; retry shortly."
+    )]
+    QueueFull(String),
+    #[error(
+        "All backends for model `{model}` stayed at their concurrency limit for the {seconds} s this request waited; retry shortly."
+    )]
+    QueueTimeout { model: String, seconds: u64 },
     #[error("The upstream server did not answer in time.")]
     UpstreamTimeout,
     #[error("Could not reach an upstream server for this model.")]
@@ -118,7 +126,9 @@ impl ApiError {
             | Self::LedgerUnavailable
             | Self::Overloaded
             | Self::NoHealthyBackend(_)
-            | Self::BackendsSaturated(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::BackendsSaturated(_)
+            | Self::QueueFull(_)
+            | Self::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnreachable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Self::UpstreamStatus { status, .. } => client_status_for_upstream(*status),
@@ -133,6 +143,8 @@ impl ApiError {
             self,
             Self::Overloaded
                 | Self::BackendsSaturated(_)
+                | Self::QueueFull(_)
+                | Self::QueueTimeout { .. }
                 | Self::NoHealthyBackend(_)
                 | Self::LedgerFull
                 | Self::LedgerUnavailable
@@ -165,6 +177,8 @@ impl ApiError {
             Self::LedgerUnavailable => "ledger_unavailable",
             Self::NoHealthyBackend(_) => "no_healthy_backend",
             Self::BackendsSaturated(_) => "backends_saturated",
+            Self::QueueFull(_) => "queue_full",
+            Self::QueueTimeout { .. } => "queue_timeout",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamInvalid => "upstream_invalid",
@@ -216,7 +230,9 @@ impl ApiError {
             | Self::LedgerFull
             | Self::LedgerUnavailable
             | Self::NoHealthyBackend(_)
-            | Self::BackendsSaturated(_) => Some(HeaderValue::from_static("1")),
+            | Self::BackendsSaturated(_)
+            | Self::QueueFull(_)
+            | Self::QueueTimeout { .. } => Some(HeaderValue::from_static("1")),
             Self::RateLimited(r) => Some(HeaderValue::from(
                 r.retry_after.as_secs_f64().ceil().max(1.0) as u64,
             )),

@@ -29,6 +29,12 @@ pub struct UpstreamConfig {
     /// that follow-ups and `GET`/`DELETE /v1/responses/{id}` reach the backend that has
     /// them; the oldest is forgotten first. 0: none.
     pub stored_responses_max: usize,
+    /// Requests of one model that may wait for a backend when all of its backends are at
+    /// `max_concurrency` (turns go round-robin over keys); 0: none wait, 503 at once.
+    pub queue_max: usize,
+    /// The longest a request waits in the queue before a 503.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -40,6 +46,8 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 64,
             request_stream_usage: true,
             stored_responses_max: 100_000,
+            queue_max: 1024,
+            queue_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -106,6 +114,11 @@ impl Config {
             "must be >= 1",
         )?;
         fail_if(
+            self.upstream.queue_max > 1_000_000,
+            "upstream.queue_max",
+            "must be <= 1000000",
+        )?;
+        fail_if(
             self.upstream.stored_responses_max > 10_000_000,
             "upstream.stored_responses_max",
             "must be <= 10000000 (about 100 bytes each)",
@@ -136,6 +149,7 @@ impl Config {
         vec![
             DurationSetting::new("upstream.retry_budget", u.retry_budget, true),
             DurationSetting::new("upstream.pool_idle_timeout", u.pool_idle_timeout, true),
+            DurationSetting::new("upstream.queue_timeout", u.queue_timeout, u.queue_max == 0),
             DurationSetting::new("health_check.interval", hc.interval, !hc.enabled),
             DurationSetting::new("health_check.timeout", hc.timeout, !hc.enabled),
             DurationSetting::new(

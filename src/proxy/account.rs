@@ -40,6 +40,8 @@ pub(crate) struct Record {
     pub(crate) attempts: u32,
     pub(crate) stream: bool,
     pub(crate) ttft: Option<Duration>,
+    /// How long it waited in the model's queue for a backend, if it did.
+    pub(crate) queued: Option<Duration>,
     finished: bool,
     /// Request id as sent to the client and upstream.
     pub(crate) request_id: HeaderValue,
@@ -108,6 +110,7 @@ impl Record {
             attempts: 0,
             stream: false,
             ttft: None,
+            queued: None,
             finished: false,
             request_id,
             ledgered: false,
@@ -233,6 +236,7 @@ impl Record {
             status,
             latency_ms = duration.as_secs_f64() * 1000.0,
             ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1000.0),
+            queued_ms = self.queued.map(|d| d.as_secs_f64() * 1000.0),
             prompt_tokens = t.prompt,
             completion_tokens = t.completion,
             tokens_estimated = t.estimated,

@@ -69,23 +69,24 @@ pub(crate) async fn attempt(
         if n > 0 && Instant::now() >= budget_end {
             break;
         }
-        let (index, attempt) = match balancer::pick(&model.routes, &tried) {
+        // Only the first attempt waits for a slot: a failover goes where there is room.
+        let picked = if n == 0 {
+            first_pick(state, current, model, &tried, record).await
+        } else {
+            balancer::pick(&model.routes, &tried).map_err(|e| refused(state, model, e))
+        };
+        let (index, mut attempt) = match picked {
             Ok(picked) => picked,
             Err(e) => {
                 if last_error.is_none() {
-                    last_error = Some(match e {
-                        PickError::NoneHealthy => ApiError::NoHealthyBackend(parsed.model.clone()),
-                        PickError::Saturated => {
-                            state.metrics.shed("backends_saturated");
-                            ApiError::BackendsSaturated(parsed.model.clone())
-                        }
-                    });
+                    last_error = Some(e);
                 }
                 break;
             }
         };
         tried.push(index);
         let route = &model.routes[index];
+        attempt.wake_on_release(Arc::clone(&route.queues));
         record.backend = Some(Arc::clone(&route.backend.name));
         record.attempts += 1;
         let body = parsed.bodies.body(route.upstream_model.as_deref());
@@ -170,6 +171,83 @@ impl Failure {
             error,
             kind,
             retry: false,
+        }
+    }
+}
+
+/// Why no backend could be picked, as the client hears it.
+fn refused(state: &AppState, model: &Model, e: PickError) -> ApiError {
+    match e {
+        PickError::NoneHealthy => ApiError::NoHealthyBackend(model.name.to_string()),
+        PickError::Saturated => {
+            state.metrics.shed("backends_saturated");
+            ApiError::BackendsSaturated(model.name.to_string())
+        }
+    }
+}
+
+/// A backend for the first attempt. When every usable backend is at `max_concurrency`, or
+/// others already wait (no overtaking them), the request waits for its turn in the
+/// model's queue (`upstream::queue`), up to `upstream.queue_timeout`.
+async fn first_pick(
+    state: &AppState,
+    current: &Configured,
+    model: &Model,
+    tried: &[usize],
+    record: &mut Record,
+) -> Result<(usize, Attempt), ApiError> {
+    let upstream = &current.config.upstream;
+    if upstream.queue_max == 0 {
+        return balancer::pick(&model.routes, tried).map_err(|e| refused(state, model, e));
+    }
+    if model.queue.waiting() == 0 {
+        match balancer::pick(&model.routes, tried) {
+            Err(PickError::Saturated) => {}
+            other => return other.map_err(|e| refused(state, model, e)),
+        }
+    }
+    let key = record
+        .key
+        .as_ref()
+        .map_or_else(|| Arc::from(""), |k| Arc::clone(&k.id));
+    let Some(ticket) = model.queue.join(key) else {
+        state.metrics.shed("queue_full");
+        return Err(ApiError::QueueFull(model.name.to_string()));
+    };
+    let joined = Instant::now();
+    // Room that came back without a slot being released (a circuit closing, a backend
+    // coming back healthy) is found by the next request that arrives.
+    if model
+        .routes
+        .iter()
+        .any(|r| r.backend.is_usable(joined) && r.backend.has_capacity())
+    {
+        model.queue.wake_next();
+    }
+    let deadline = tokio::time::Instant::now() + upstream.queue_timeout;
+    loop {
+        if tokio::time::timeout_at(deadline, ticket.turn())
+            .await
+            .is_err()
+        {
+            state.metrics.queue_waited(&model.name, joined.elapsed());
+            state.metrics.shed("queue_timeout");
+            return Err(ApiError::QueueTimeout {
+                model: model.name.to_string(),
+                seconds: upstream.queue_timeout.as_secs(),
+            });
+        }
+        match balancer::pick(&model.routes, tried) {
+            Ok(picked) => {
+                ticket.done();
+                let waited = joined.elapsed();
+                state.metrics.queue_waited(&model.name, waited);
+                record.queued = Some(waited);
+                return Ok(picked);
+            }
+            // The freed slot went to another model's request: wait for the next one.
+            Err(PickError::Saturated) => ticket.wait_again(),
+            Err(e) => return Err(refused(state, model, e)),
         }
     }
 }

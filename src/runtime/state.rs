@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError, EndpointSet};
 use crate::runtime::metrics::Metrics;
 use crate::storage::ledger::Ledger;
 use crate::upstream::homes::Homes;
+use crate::upstream::queue::Queue;
 use crate::upstream::{Backend, Route};
 
 /// A public model and its routes.
@@ -26,6 +27,8 @@ pub struct Model {
     pub routes: Vec<Route>,
     /// The endpoints its backends serve.
     pub endpoints: EndpointSet,
+    /// Requests waiting for one of its backends.
+    pub queue: Arc<Queue>,
 }
 
 /// What a configuration turns into: the part of the state a reload replaces as a whole.
@@ -95,6 +98,34 @@ impl Configured {
             by_name.insert(cfg.name.clone(), Arc::clone(&backend));
             backends.push(backend);
         }
+        // Each model's queue, kept across a reload that leaves its bound alone (its waiters
+        // keep their places); then, per backend, the queues of the models it serves.
+        let queue_max = config.upstream.queue_max;
+        let queues: HashMap<&str, Arc<Queue>> = config
+            .models
+            .iter()
+            .map(|m| {
+                let kept = previous
+                    .filter(|p| p.config.upstream.queue_max == queue_max)
+                    .and_then(|p| p.models.get(&m.name))
+                    .map(|old| Arc::clone(&old.queue));
+                let queue = kept.unwrap_or_else(|| Arc::new(Queue::new(queue_max)));
+                (m.name.as_str(), queue)
+            })
+            .collect();
+        let mut served_by: HashMap<&str, Vec<Arc<Queue>>> = HashMap::new();
+        for m in &config.models {
+            for r in &m.routes {
+                served_by
+                    .entry(r.backend.as_str())
+                    .or_default()
+                    .push(Arc::clone(&queues[m.name.as_str()]));
+            }
+        }
+        let served_by: HashMap<&str, Arc<[Arc<Queue>]>> = served_by
+            .into_iter()
+            .map(|(b, q)| (b, Arc::from(q)))
+            .collect();
         let mut models = HashMap::new();
         let mut model_order = Vec::new();
         for m in &config.models {
@@ -105,6 +136,7 @@ impl Configured {
                     by_name.get(&r.backend).map(|b| Route {
                         backend: Arc::clone(b),
                         upstream_model: r.upstream_model.clone(),
+                        queues: Arc::clone(&served_by[r.backend.as_str()]),
                     })
                 })
                 .collect();
@@ -116,6 +148,7 @@ impl Configured {
                     name,
                     routes,
                     endpoints: m.endpoint_set(),
+                    queue: Arc::clone(&queues[m.name.as_str()]),
                 },
             );
         }

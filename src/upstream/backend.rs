@@ -12,6 +12,7 @@ use crate::config::{BackendConfig, BreakerConfig, UpstreamConfig};
 use super::breaker::{Admission, Breaker, BreakerState};
 use super::client::{self, Tls};
 use super::pool::Pool;
+use super::queue::Queue;
 
 /// Why a backend's clients could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -343,6 +344,7 @@ impl Backend {
                 backend: Arc::clone(self),
                 admission,
                 settled: false,
+                queues: None,
             }),
             None => {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -391,12 +393,19 @@ pub struct Attempt {
     backend: Arc<Backend>,
     admission: Admission,
     settled: bool,
+    /// Queues given a turn when the slot is released.
+    queues: Option<Arc<[Arc<Queue>]>>,
 }
 
 impl Attempt {
     /// The backend this attempt goes to.
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
+    }
+
+    /// When the slot is released, each of `queues` gets a turn.
+    pub fn wake_on_release(&mut self, queues: Arc<[Arc<Queue>]>) {
+        self.queues = Some(queues);
     }
 
     /// The backend did its job.
@@ -424,5 +433,8 @@ impl Drop for Attempt {
             self.backend.breaker.on_abandoned(self.admission);
         }
         self.backend.in_flight.fetch_sub(1, Ordering::AcqRel);
+        for queue in self.queues.iter().flat_map(|q| q.iter()) {
+            queue.wake_next();
+        }
     }
 }

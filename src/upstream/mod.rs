@@ -1,6 +1,6 @@
 //! Where requests go: each backend with its HTTP clients, pools, in-flight count and
 //! breaker (`backend.rs`, `client.rs`, `pool.rs`, `breaker.rs`), the balancer that picks one of a model's routes
-//! (`balancer.rs`), the health prober (`prober.rs`), and which backend holds each stored
+//! (`balancer.rs`), the fair queue of a saturated model (`queue.rs`), the health prober (`prober.rs`), and which backend holds each stored
 //! response (`homes.rs`).
 //!
 //! May depend on `config/`, on `runtime::workers` (which thread's pool to use) and, for
@@ -13,6 +13,7 @@ pub(crate) mod client;
 pub(crate) mod homes;
 pub(crate) mod pool;
 pub(crate) mod prober;
+pub(crate) mod queue;
 
 pub use backend::{Attempt, Backend, Health};
 
@@ -25,4 +26,6 @@ pub struct Route {
     pub backend: Arc<Backend>,
     /// Name sent upstream instead of the public one.
     pub upstream_model: Option<String>,
+    /// The queues of every model this backend serves: a slot it frees is a turn for them.
+    pub queues: Arc<[Arc<queue::Queue>]>,
 }

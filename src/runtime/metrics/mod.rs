@@ -27,9 +27,11 @@ pub use text::Format;
 pub const NONE: &str = "none";
 
 /// Why a request was shed (`requests_shed_total{reason}`).
-const SHED_REASONS: [&str; 4] = [
+const SHED_REASONS: [&str; 6] = [
     "overloaded",
     "backends_saturated",
+    "queue_full",
+    "queue_timeout",
     "ledger_full",
     "ledger_unavailable",
 ];
@@ -83,6 +85,8 @@ pub struct Metrics {
     backend_ejected: Series<BackendLabels, Gauge>,
     backend_in_flight: Series<BackendLabels, Gauge>,
     model_backends_available: Series<ModelLabels, Gauge>,
+    queue_depth: Series<ModelLabels, Gauge>,
+    queue_wait: Series<ModelLabels, Histogram>,
     auth_failures: Family<ReasonLabels, Counter>,
     rate_limited: Family<ReasonLabels, Counter>,
     shed: Family<ReasonLabels, Counter>,
@@ -224,6 +228,18 @@ impl Metrics {
                 "model_backends_available",
                 "Backends of the model that can take traffic now (healthy, circuit not open); 0 means its requests fail",
                 Series::default(),
+            ),
+            queue_depth: add(
+                r,
+                "queue_depth",
+                "Requests waiting for a backend of the model (all its backends at max_concurrency)",
+                Series::default(),
+            ),
+            queue_wait: add(
+                r,
+                "queue_wait_seconds",
+                "Time requests waited in the model's queue, whether they got a backend or timed out",
+                Series::new(latency_histogram),
             ),
             auth_failures: add(
                 r,
@@ -388,6 +404,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Records how long a request of `model` waited in its queue.
+    pub fn queue_waited(&self, model: &Arc<str>, waited: Duration) {
+        let labels = ModelLabels {
+            model: Label(Arc::clone(model)),
+        };
+        self.queue_wait
+            .with(&labels, |h| h.observe(waited.as_secs_f64()));
+    }
+
     /// Counts a request shed for lack of capacity (one of `SHED_REASONS`).
     pub fn shed(&self, reason: &'static str) {
         self.shed.get_or_create(&ReasonLabels { reason }).inc();
@@ -412,6 +437,8 @@ impl Metrics {
         self.duration.retain(|l| model(&l.model));
         self.ttft.retain(|l| model(&l.model));
         self.model_backends_available.retain(|l| model(&l.model));
+        self.queue_depth.retain(|l| model(&l.model));
+        self.queue_wait.retain(|l| model(&l.model));
         self.tokens.retain(|l| model(&l.model));
         self.upstream_errors.retain(|l| backend(&l.backend));
         for gauges in [
@@ -468,6 +495,8 @@ impl Metrics {
             self.model_backends_available.with(&labels, |g| {
                 g.set(i64::try_from(usable).unwrap_or(i64::MAX))
             });
+            let waiting = i64::try_from(model.queue.waiting()).unwrap_or(i64::MAX);
+            self.queue_depth.with(&labels, |g| g.set(waiting));
         }
         self.render_registry(format)
     }
