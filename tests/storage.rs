@@ -574,7 +574,8 @@ async fn bare_store(db: Db) -> (Store, tempfile::TempDir, llm_gateway::mock::Moc
     (Store::open(&config).await.unwrap(), dir, up)
 }
 
-/// Usage record number `i`: a complete chat completion of 1 + 1 tokens at `ts_ms`.
+/// Usage record number `i`: a complete chat completion of 1 + 1 tokens at `ts_ms` (the
+/// odd ones waited in the queue, the even ones were answered by a fallback).
 fn usage_record(i: usize, ts_ms: i64) -> UsageRecord {
     UsageRecord {
         id: format!("00000000-0000-7000-8000-{i:012}"),
@@ -593,6 +594,8 @@ fn usage_record(i: usize, ts_ms: i64) -> UsageRecord {
         client_disconnected: false,
         instance_id: "i".into(),
         outcome: Outcome::Complete,
+        queue_us: (!i.is_multiple_of(2)).then_some(i as u64 * 10),
+        fallback: i.is_multiple_of(2).then(|| "f".into()),
     }
 }
 

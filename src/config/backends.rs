@@ -73,6 +73,10 @@ pub struct ModelConfig {
     /// endpoint when absent. A request to another one is answered 404 by the gateway.
     #[serde(default)]
     pub endpoints: Option<Vec<Endpoint>>,
+    /// Models tried, in order, when none of this model's backends can take a request
+    /// (their own fallbacks are not followed).
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
 }
 
 impl ModelConfig {
@@ -164,6 +168,21 @@ impl Config {
                 format!("models[{i}].endpoints"),
                 "names no endpoint: leave it out to serve every endpoint",
             )?;
+            let mut named = HashSet::new();
+            for (j, f) in m.fallbacks.iter().enumerate() {
+                let key = format!("models[{i}].fallbacks[{j}]");
+                if !self.models.iter().any(|other| other.name == *f) {
+                    return Err(ConfigError::invalid(key, format!("no model named {f:?}")));
+                }
+                fail_if(
+                    *f == m.name,
+                    key.clone(),
+                    "a model cannot fall back to itself",
+                )?;
+                if !named.insert(f.as_str()) {
+                    return Err(ConfigError::invalid(key, format!("{f:?} listed twice")));
+                }
+            }
             let mut seen = HashSet::new();
             for (j, r) in m.routes.iter().enumerate() {
                 let key = format!("models[{i}].routes[{j}].backend");

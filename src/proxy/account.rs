@@ -42,6 +42,10 @@ pub(crate) struct Record {
     pub(crate) ttft: Option<Duration>,
     /// How long it waited in the model's queue for a backend, if it did.
     pub(crate) queued: Option<Duration>,
+    /// The model that answered, as the `x-llm-gateway-model` header value.
+    pub(crate) served: Option<HeaderValue>,
+    /// The fallback model that answered, when the requested one could not.
+    pub(crate) fallback: Option<Arc<str>>,
     finished: bool,
     /// Request id as sent to the client and upstream.
     pub(crate) request_id: HeaderValue,
@@ -111,6 +115,8 @@ impl Record {
             stream: false,
             ttft: None,
             queued: None,
+            served: None,
+            fallback: None,
             finished: false,
             request_id,
             ledgered: false,
@@ -174,6 +180,8 @@ impl Record {
             client_disconnected: outcome == Outcome::ClientDisconnected,
             instance_id: &self.state.instance_id,
             outcome,
+            queue_us: self.queued.map(micros),
+            fallback: self.fallback.as_deref(),
         }
     }
 
@@ -237,6 +245,7 @@ impl Record {
             latency_ms = duration.as_secs_f64() * 1000.0,
             ttft_ms = self.ttft.map(|d| d.as_secs_f64() * 1000.0),
             queued_ms = self.queued.map(|d| d.as_secs_f64() * 1000.0),
+            fallback = self.fallback.as_deref(),
             prompt_tokens = t.prompt,
             completion_tokens = t.completion,
             tokens_estimated = t.estimated,

@@ -47,7 +47,9 @@ pub(crate) enum Reply {
     },
 }
 
-/// Tries the model's backends until one answers, or none is left to try.
+/// Tries the model's backends until one answers, then its fallback models' (those the
+/// key may use that serve the endpoint), within one attempt budget. A stored response's
+/// follow-up never falls back (its response is on one model's backend).
 pub(crate) async fn attempt(
     state: &AppState,
     current: &Configured,
@@ -56,24 +58,138 @@ pub(crate) async fn attempt(
     parsed: &mut Parsed,
     record: &mut Record,
 ) -> Result<Reply, ApiError> {
-    let request_id = record.request_id.clone();
     let upstream = &current.config.upstream;
+    let mut budget = Budget {
+        left: upstream.max_attempts,
+        ends: record.started + upstream.retry_budget,
+        first: true,
+    };
     let mut tried = Vec::with_capacity(model.routes.len());
-    let lookup = parsed.previous_response.as_deref();
-    if let Some(id) = lookup {
+    if let Some(id) = parsed.previous_response.as_deref() {
         pin(state, model, id, record, &mut tried)?;
     }
-    let mut last_error: Option<ApiError> = None;
-    let budget_end = record.started + upstream.retry_budget;
-    for n in 0..upstream.max_attempts {
-        if n > 0 && Instant::now() >= budget_end {
-            break;
+    let first_error = match try_model(
+        state,
+        current,
+        endpoint,
+        model,
+        None,
+        tried,
+        parsed,
+        record,
+        &mut budget,
+    )
+    .await
+    {
+        Ok(reply) => {
+            record.served = Some(model.header.clone());
+            return Ok(reply);
         }
+        Err(Stop::Final(e)) => return Err(shed_counted(state, e)),
+        Err(Stop::Exhausted(e)) => e,
+    };
+    if parsed.previous_response.is_none() {
+        for name in &model.fallbacks {
+            let Some(fallback) = current.models.get(&**name) else {
+                continue;
+            };
+            // Never a model the key may not use, nor one that does not serve the endpoint.
+            let allowed = record.key.as_ref().is_none_or(|k| k.allows(name));
+            if !allowed || !fallback.endpoints.contains(endpoint) {
+                continue;
+            }
+            if budget.spent() {
+                break;
+            }
+            state.metrics.fallback(&model.name, &fallback.name);
+            let tried = Vec::with_capacity(fallback.routes.len());
+            match try_model(
+                state,
+                current,
+                endpoint,
+                fallback,
+                Some(&fallback.name),
+                tried,
+                parsed,
+                record,
+                &mut budget,
+            )
+            .await
+            {
+                Ok(reply) => {
+                    record.served = Some(fallback.header.clone());
+                    record.fallback = Some(Arc::clone(&fallback.name));
+                    return Ok(reply);
+                }
+                Err(Stop::Final(e)) => return Err(shed_counted(state, e)),
+                Err(Stop::Exhausted(_)) => {}
+            }
+        }
+    }
+    Err(shed_counted(state, first_error))
+}
+
+/// The attempts a request has left, across its model and the fallbacks.
+struct Budget {
+    left: u32,
+    ends: Instant,
+    /// No attempt made yet: the first may wait in the model's queue.
+    first: bool,
+}
+
+impl Budget {
+    fn spent(&self) -> bool {
+        self.left == 0 || (!self.first && Instant::now() >= self.ends)
+    }
+}
+
+/// Why a model's backends gave no answer.
+enum Stop {
+    /// None could take it, or every attempt failed before the first byte: a fallback may.
+    Exhausted(ApiError),
+    /// The answer is final (the request itself is wrong): no fallback either.
+    Final(ApiError),
+}
+
+/// The error, counted as shed when it is one of lack of capacity (once per request,
+/// whichever model it was last refused by).
+fn shed_counted(state: &AppState, error: ApiError) -> ApiError {
+    if matches!(
+        error,
+        ApiError::BackendsSaturated(_) | ApiError::QueueFull(_) | ApiError::QueueTimeout { .. }
+    ) {
+        state.metrics.shed(error.kind());
+    }
+    error
+}
+
+/// Tries `model`'s backends (not those in `tried`) while the budget lasts. `public` is
+/// the name to send to a route without an `upstream_model` when it is not the one the
+/// client sent (a fallback).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one request's whole context, borrowed"
+)]
+async fn try_model(
+    state: &AppState,
+    current: &Configured,
+    endpoint: Endpoint,
+    model: &Model,
+    public: Option<&str>,
+    mut tried: Vec<usize>,
+    parsed: &mut Parsed,
+    record: &mut Record,
+    budget: &mut Budget,
+) -> Result<Reply, Stop> {
+    let request_id = record.request_id.clone();
+    let lookup = parsed.previous_response.as_deref().map(str::to_owned);
+    let mut last_error: Option<ApiError> = None;
+    while !budget.spent() {
         // Only the first attempt waits for a slot: a failover goes where there is room.
-        let picked = if n == 0 {
-            first_pick(state, current, model, &tried, record).await
+        let picked = if budget.first {
+            first_pick(current, model, &tried, record).await
         } else {
-            balancer::pick(&model.routes, &tried).map_err(|e| refused(state, model, e))
+            balancer::pick(&model.routes, &tried).map_err(|e| refused(model, e))
         };
         let (index, mut attempt) = match picked {
             Ok(picked) => picked,
@@ -84,13 +200,16 @@ pub(crate) async fn attempt(
                 break;
             }
         };
+        budget.first = false;
+        budget.left -= 1;
         tried.push(index);
         let route = &model.routes[index];
         attempt.wake_on_release(Arc::clone(&route.queues));
         record.backend = Some(Arc::clone(&route.backend.name));
         record.attempts += 1;
-        let body = parsed.bodies.body(route.upstream_model.as_deref());
-        let upstream_model = route.upstream_model.as_deref().unwrap_or(&model.name);
+        let sent_model = route.upstream_model.as_deref().or(public);
+        let body = parsed.bodies.body(sent_model);
+        let upstream_model = sent_model.unwrap_or(&model.name);
         // One exported span per attempt (telemetry.rs), a child of the request's.
         let trace = tracing::info_span!(
             target: telemetry::TARGET,
@@ -109,7 +228,7 @@ pub(crate) async fn attempt(
         );
         let call = Call {
             endpoint,
-            lookup,
+            lookup: lookup.as_deref(),
             stream: parsed.stream,
             request_id: &request_id,
             started: record.started,
@@ -142,13 +261,15 @@ pub(crate) async fn attempt(
                     "upstream attempt failed"
                 );
                 if !failure.retry {
-                    return Err(failure.error);
+                    return Err(Stop::Final(failure.error));
                 }
                 last_error = Some(failure.error);
             }
         }
     }
-    Err(last_error.unwrap_or(ApiError::UpstreamUnreachable))
+    Err(Stop::Exhausted(
+        last_error.unwrap_or(ApiError::UpstreamUnreachable),
+    ))
 }
 
 /// Why one attempt failed, and whether another backend may be tried.
@@ -176,13 +297,10 @@ impl Failure {
 }
 
 /// Why no backend could be picked, as the client hears it.
-fn refused(state: &AppState, model: &Model, e: PickError) -> ApiError {
+fn refused(model: &Model, e: PickError) -> ApiError {
     match e {
         PickError::NoneHealthy => ApiError::NoHealthyBackend(model.name.to_string()),
-        PickError::Saturated => {
-            state.metrics.shed("backends_saturated");
-            ApiError::BackendsSaturated(model.name.to_string())
-        }
+        PickError::Saturated => ApiError::BackendsSaturated(model.name.to_string()),
     }
 }
 
@@ -190,7 +308,6 @@ fn refused(state: &AppState, model: &Model, e: PickError) -> ApiError {
 /// others already wait (no overtaking them), the request waits for its turn in the
 /// model's queue (`upstream::queue`), up to `upstream.queue_timeout`.
 async fn first_pick(
-    state: &AppState,
     current: &Configured,
     model: &Model,
     tried: &[usize],
@@ -198,12 +315,12 @@ async fn first_pick(
 ) -> Result<(usize, Attempt), ApiError> {
     let upstream = &current.config.upstream;
     if upstream.queue_max == 0 {
-        return balancer::pick(&model.routes, tried).map_err(|e| refused(state, model, e));
+        return balancer::pick(&model.routes, tried).map_err(|e| refused(model, e));
     }
     if model.queue.waiting() == 0 {
         match balancer::pick(&model.routes, tried) {
             Err(PickError::Saturated) => {}
-            other => return other.map_err(|e| refused(state, model, e)),
+            other => return other.map_err(|e| refused(model, e)),
         }
     }
     let key = record
@@ -211,7 +328,6 @@ async fn first_pick(
         .as_ref()
         .map_or_else(|| Arc::from(""), |k| Arc::clone(&k.id));
     let Some(ticket) = model.queue.join(key) else {
-        state.metrics.shed("queue_full");
         return Err(ApiError::QueueFull(model.name.to_string()));
     };
     let joined = Instant::now();
@@ -230,8 +346,10 @@ async fn first_pick(
             .await
             .is_err()
         {
-            state.metrics.queue_waited(&model.name, joined.elapsed());
-            state.metrics.shed("queue_timeout");
+            record
+                .state
+                .metrics
+                .queue_waited(&model.name, joined.elapsed());
             return Err(ApiError::QueueTimeout {
                 model: model.name.to_string(),
                 seconds: upstream.queue_timeout.as_secs(),
@@ -241,13 +359,13 @@ async fn first_pick(
             Ok(picked) => {
                 ticket.done();
                 let waited = joined.elapsed();
-                state.metrics.queue_waited(&model.name, waited);
+                record.state.metrics.queue_waited(&model.name, waited);
                 record.queued = Some(waited);
                 return Ok(picked);
             }
             // The freed slot went to another model's request: wait for the next one.
             Err(PickError::Saturated) => ticket.wait_again(),
-            Err(e) => return Err(refused(state, model, e)),
+            Err(e) => return Err(refused(model, e)),
         }
     }
 }

@@ -21,6 +21,9 @@ use crate::runtime::state::AppState;
 use crate::storage::database::usage_rows::Outcome;
 use crate::upstream::homes::Home;
 
+/// Names the model that answered: the one asked for, or the fallback that stood in.
+const MODEL_HEADER: &str = "x-llm-gateway-model";
+
 /// The response for a backend's answer; `record` is settled now (whole) or when the
 /// stream ends.
 pub(crate) async fn answer(
@@ -36,6 +39,7 @@ pub(crate) async fn answer(
         stored,
     } = proxied;
     let home = stored.then(|| home_of(&record)).flatten();
+    let served = record.served.take();
     match reply {
         Reply::Full { content_type, body } => {
             if let Some(home) = home {
@@ -53,6 +57,9 @@ pub(crate) async fn answer(
             let mut response = Response::new(Body::new(HeldBody::new(body, guards)));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, content_type);
+            if let Some(served) = served {
+                headers.insert(MODEL_HEADER, served);
+            }
             if let Some(limits) = &record.limits {
                 rate_limit_headers(headers, limits);
             }
@@ -125,6 +132,9 @@ pub(crate) async fn answer(
             );
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            if let Some(served) = served {
+                headers.insert(MODEL_HEADER, served);
+            }
             if let Some(limits) = &limits {
                 rate_limit_headers(headers, limits);
             }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use axum::http::HeaderValue;
 use tokio::sync::Semaphore;
 
 use crate::access::keys::KeyTable;
@@ -29,6 +30,10 @@ pub struct Model {
     pub endpoints: EndpointSet,
     /// Requests waiting for one of its backends.
     pub queue: Arc<Queue>,
+    /// Models tried when none of its backends can take a request, in order.
+    pub fallbacks: Vec<Arc<str>>,
+    /// Its name as the `x-llm-gateway-model` header value, built once.
+    pub header: HeaderValue,
 }
 
 /// What a configuration turns into: the part of the state a reload replaces as a whole.
@@ -145,10 +150,14 @@ impl Configured {
             models.insert(
                 m.name.clone(),
                 Model {
-                    name,
                     routes,
                     endpoints: m.endpoint_set(),
                     queue: Arc::clone(&queues[m.name.as_str()]),
+                    fallbacks: m.fallbacks.iter().map(|f| Arc::from(f.as_str())).collect(),
+                    // Validated printable text (UTF-8 goes as obs-text bytes).
+                    header: HeaderValue::from_bytes(m.name.as_bytes())
+                        .unwrap_or(HeaderValue::from_static("")),
+                    name,
                 },
             );
         }

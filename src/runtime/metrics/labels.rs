@@ -67,3 +67,9 @@ pub(super) struct ResultLabels {
 pub(super) struct BuildLabels {
     pub(super) version: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct FallbackLabels {
+    pub(super) model: Label,
+    pub(super) fallback: Label,
+}

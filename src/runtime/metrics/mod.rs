@@ -17,8 +17,8 @@ use prometheus_client::registry::{Metric, Registry};
 use crate::runtime::state::Configured;
 use crate::upstream::{Backend, Health};
 use labels::{
-    BackendLabels, BuildLabels, Label, ModelLabels, ReasonLabels, RequestLabels, ResultLabels,
-    TokenLabels, UpstreamErrorLabels,
+    BackendLabels, BuildLabels, FallbackLabels, Label, ModelLabels, ReasonLabels, RequestLabels,
+    ResultLabels, TokenLabels, UpstreamErrorLabels,
 };
 use series::Series;
 pub use text::Format;
@@ -87,6 +87,7 @@ pub struct Metrics {
     model_backends_available: Series<ModelLabels, Gauge>,
     queue_depth: Series<ModelLabels, Gauge>,
     queue_wait: Series<ModelLabels, Histogram>,
+    fallbacks: Series<FallbackLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     rate_limited: Family<ReasonLabels, Counter>,
     shed: Family<ReasonLabels, Counter>,
@@ -240,6 +241,12 @@ impl Metrics {
                 "queue_wait_seconds",
                 "Time requests waited in the model's queue, whether they got a backend or timed out",
                 Series::new(latency_histogram),
+            ),
+            fallbacks: add(
+                r,
+                "fallbacks",
+                "Requests sent on to a fallback model because none of the model's backends could take them, by model and fallback",
+                Series::default(),
             ),
             auth_failures: add(
                 r,
@@ -404,6 +411,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a request of `model` sent on to `fallback`.
+    pub fn fallback(&self, model: &Arc<str>, fallback: &Arc<str>) {
+        let labels = FallbackLabels {
+            model: Label(Arc::clone(model)),
+            fallback: Label(Arc::clone(fallback)),
+        };
+        self.fallbacks.with(&labels, |c| c.inc());
+    }
+
     /// Records how long a request of `model` waited in its queue.
     pub fn queue_waited(&self, model: &Arc<str>, waited: Duration) {
         let labels = ModelLabels {
@@ -439,6 +455,8 @@ impl Metrics {
         self.model_backends_available.retain(|l| model(&l.model));
         self.queue_depth.retain(|l| model(&l.model));
         self.queue_wait.retain(|l| model(&l.model));
+        self.fallbacks
+            .retain(|l| model(&l.model) && model(&l.fallback));
         self.tokens.retain(|l| model(&l.model));
         self.upstream_errors.retain(|l| backend(&l.backend));
         for gauges in [

@@ -48,6 +48,16 @@ pub struct UsageRecord<S = String> {
     /// How the response ended (records spooled by older versions have none: complete).
     #[serde(default)]
     pub outcome: Outcome,
+    /// Time it waited in the model's queue for a backend (µs), if it waited.
+    #[serde(default)]
+    pub queue_us: Option<u64>,
+    /// The fallback model that answered, when the requested `model` could not.
+    #[serde(default = "none")]
+    pub fallback: Option<S>,
+}
+
+fn none<S>() -> Option<S> {
+    None
 }
 
 impl<S> UsageRecord<S> {
@@ -71,6 +81,8 @@ impl<S> UsageRecord<S> {
             client_disconnected: self.client_disconnected,
             instance_id: f(&self.instance_id),
             outcome: self.outcome,
+            queue_us: self.queue_us,
+            fallback: self.fallback.as_ref().map(&f),
         }
     }
 }
@@ -144,7 +156,7 @@ pub struct UsageLine {
 /// The columns of `usage_records` a record fills, in `UsageRecord`'s order.
 const COLUMNS: &str = "id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
      prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
-     client_disconnected, instance_id, outcome";
+     client_disconnected, instance_id, outcome, queue_us, fallback";
 
 /// Leaves a present row alone unless a final record replaces a provisional one.
 fn upsert_clause() -> String {
@@ -239,7 +251,9 @@ async fn insert_sqlite_rows<S: AsRef<str>>(
                 .bind(r.ttft_us.map(|t| int(t, "ttft_us")).transpose()?)
                 .bind(r.client_disconnected)
                 .bind(r.instance_id.as_ref())
-                .bind(r.outcome.as_str());
+                .bind(r.outcome.as_str())
+                .bind(r.queue_us.map(|t| int(t, "queue_us")).transpose()?)
+                .bind(r.fallback.as_ref().map(AsRef::as_ref));
         }
         changed += query.execute(&mut *tx).await?.rows_affected();
     }
@@ -284,12 +298,13 @@ impl Store {
                     "INSERT INTO usage_records ({COLUMNS}) SELECT DISTINCT ON (id) {COLUMNS} FROM \
                      (SELECT id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
                      prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
-                     client_disconnected, instance_id, COALESCE(outcome, 'complete') AS outcome \
+                     client_disconnected, instance_id, COALESCE(outcome, 'complete') AS outcome, \
+                     queue_us, fallback \
                      FROM json_to_recordset($1::json) AS r(id uuid, request_id text, ts_ms bigint, \
                      key_id text, model text, backend text, endpoint text, status integer, \
                      prompt_tokens bigint, completion_tokens bigint, estimated boolean, \
                      latency_us bigint, ttft_us bigint, client_disconnected boolean, \
-                     instance_id text, outcome text)) AS r \
+                     instance_id text, outcome text, queue_us bigint, fallback text)) AS r \
                      ORDER BY id, outcome = 'interrupted' {upsert} RETURNING outcome"
                 );
                 let outcomes: Vec<String> = sqlx::query_scalar(&sql)
@@ -335,7 +350,8 @@ impl Store {
         let sql = self.sql(
             "SELECT CAST(id AS TEXT) AS id, request_id, ts_ms, key_id, model, backend, endpoint, status, \
              prompt_tokens, completion_tokens, estimated, latency_us, ttft_us, \
-             client_disconnected, instance_id, outcome FROM usage_records WHERE ts_ms >= $1 \
+             client_disconnected, instance_id, outcome, queue_us, fallback FROM usage_records \
+             WHERE ts_ms >= $1 \
              ORDER BY ts_ms, id",
         );
         let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -346,6 +362,7 @@ impl Store {
                     let status: i32 = r.try_get("status")?;
                     let ttft: Option<i64> = r.try_get("ttft_us")?;
                     let outcome: String = r.try_get("outcome")?;
+                    let queue_us: Option<i64> = r.try_get("queue_us")?;
                     Ok(UsageRecord {
                         id: r.try_get("id")?,
                         request_id: r.try_get("request_id")?,
@@ -363,6 +380,8 @@ impl Store {
                         client_disconnected: r.try_get("client_disconnected")?,
                         instance_id: r.try_get("instance_id")?,
                         outcome: Outcome::parse(&outcome)?,
+                        queue_us: queue_us.map(unsigned),
+                        fallback: r.try_get("fallback")?,
                     })
                 })
                 .collect()

@@ -8,7 +8,8 @@
 //!
 //! The binary layout is fixed by `UsageRecord`'s field order and `Outcome`'s variant
 //! order: changing either needs a new tag (the test `the_binary_layout_is_fixed` fails
-//! first).
+//! first). Layout 2 appended `queue_us` and `fallback` (two options) to layout 1; a layout
+//! 1 record is read as layout 2 with both absent.
 
 use std::borrow::Cow;
 
@@ -17,7 +18,11 @@ use serde::Deserialize;
 use crate::storage::database::usage_rows::UsageRecord;
 
 /// First byte of a record in the binary layout of this version.
+const TAG_V2: u8 = 2;
+/// First byte of a record in the layout before (no `queue_us`, no `fallback`).
 const TAG_V1: u8 = 1;
+/// What layout 2 adds to a layout 1 record whose two new fields are absent (`None`, `None`).
+const V1_TO_V2: [u8; 2] = [0, 0];
 
 /// Why spooled bytes are not a usage record.
 #[derive(Debug)]
@@ -34,24 +39,27 @@ pub fn encode<S: serde::Serialize>(
     record: &UsageRecord<S>,
     out: &mut Vec<u8>,
 ) -> Result<(), postcard::Error> {
-    out.push(TAG_V1);
+    out.push(TAG_V2);
     let body = postcard::to_extend(record, std::mem::take(out))?;
     *out = body;
     Ok(())
 }
 
-/// Whether `raw` is in the binary layout (no JSON text starts with this byte).
+/// Whether `raw` is in a binary layout (no JSON text starts with these bytes).
 pub fn is_binary(raw: &[u8]) -> bool {
-    raw.first() == Some(&TAG_V1)
+    matches!(raw.first(), Some(&(TAG_V1 | TAG_V2)))
 }
 
 /// Reads one spooled record.
 pub fn decode(raw: &[u8]) -> Result<UsageRecord, NotARecord> {
-    if is_binary(raw) {
-        return match postcard::take_from_bytes::<UsageRecord>(&raw[1..]) {
-            Ok((record, [])) => Ok(record),
-            _ => Err(NotARecord::Unreadable),
-        };
+    let whole = |bytes: &[u8]| match postcard::take_from_bytes::<UsageRecord>(bytes) {
+        Ok((record, [])) => Ok(record),
+        _ => Err(NotARecord::Unreadable),
+    };
+    match raw.first() {
+        Some(&TAG_V2) => return whole(&raw[1..]),
+        Some(&TAG_V1) => return whole(&[&raw[1..], &V1_TO_V2[..]].concat()),
+        _ => {}
     }
     serde_json::from_slice::<UsageRecord>(raw).map_err(|e| {
         if e.is_data() {
@@ -65,7 +73,7 @@ pub fn decode(raw: &[u8]) -> Result<UsageRecord, NotARecord> {
 /// Reads one spooled record without copying its text where it can: a binary record's text
 /// is borrowed from `raw`, a JSON one's (which may hold escapes) is owned.
 pub fn decode_borrowed(raw: &[u8]) -> Result<UsageRecord<Cow<'_, str>>, NotARecord> {
-    if is_binary(raw) {
+    if raw.first() == Some(&TAG_V2) {
         return match postcard::take_from_bytes::<UsageRecord<&str>>(&raw[1..]) {
             Ok((record, [])) => Ok(record.map(|s| Cow::Borrowed(*s))),
             _ => Err(NotARecord::Unreadable),
@@ -119,6 +127,8 @@ mod tests {
             client_disconnected: true,
             instance_id: "i".into(),
             outcome: Outcome::Interrupted,
+            queue_us: Some(300),
+            fallback: Some("f".into()),
         }
     }
 
@@ -132,7 +142,7 @@ mod tests {
     fn a_record_comes_back_as_it_was_written() {
         let r = sample();
         let raw = encoded(&r);
-        assert_eq!(raw[0], TAG_V1);
+        assert_eq!(raw[0], TAG_V2);
         assert_eq!(decode(&raw).unwrap(), r);
         assert_eq!(ts_ms(&raw), Some(r.ts_ms));
         let json: UsageRecord = serde_json::from_slice(&to_json(&raw).unwrap()).unwrap();
@@ -196,14 +206,34 @@ mod tests {
         // Records already spooled must stay readable: a change here needs a new tag.
         // Tag, then each field in order: strings as length + bytes, integers as varints
         // (ts_ms zigzag-encoded), options as 0 / 1 + value, the outcome as its variant index.
-        let expected: &[u8] = &[
-            1, 36, b'0', b'1', b'9', b'0', b'0', b'0', b'0', b'0', b'-', b'0', b'0', b'0', b'0',
-            b'-', b'7', b'0', b'0', b'0', b'-', b'8', b'0', b'0', b'0', b'-', b'0', b'0', b'0',
-            b'0', b'0', b'0', b'0', b'0', b'0', b'0', b'0', b'1', 7, b'r', b'e', b'q', b'-', b'"',
-            b'1', b'"', 0xf6, 0xa1, 0xab, 0xfe, 0xf9, 0x62, 1, 2, b'k', b'1', 1, 1, b'm', 0, 16,
-            b'c', b'h', b'a', b't', b'_', b'c', b'o', b'm', b'p', b'l', b'e', b't', b'i', b'o',
-            b'n', b's', 0xc8, 0x01, 3, 0xac, 0x02, 0, 0xd2, 0x09, 1, 56, 1, 1, b'i', 5,
-        ];
+        let v1: &[u8] = &V1_SAMPLE;
+        let mut expected = vec![TAG_V2];
+        expected.extend_from_slice(&v1[1..]);
+        expected.extend_from_slice(&[1, 0xac, 0x02, 1, 1, b'f']);
         assert_eq!(encoded(&sample()), expected);
     }
+
+    #[test]
+    fn records_of_layout_1_are_read_without_queue_and_fallback() {
+        let old = decode(&V1_SAMPLE).unwrap();
+        let mut want = sample();
+        want.queue_us = None;
+        want.fallback = None;
+        assert_eq!(old, want);
+        let borrowed = decode_borrowed(&V1_SAMPLE).unwrap();
+        assert_eq!(borrowed.map(|s| s.to_string()), want);
+        assert_eq!(ts_ms(&V1_SAMPLE), Some(want.ts_ms));
+        let json: UsageRecord = serde_json::from_slice(&to_json(&V1_SAMPLE).unwrap()).unwrap();
+        assert_eq!(json, want);
+    }
+
+    /// `sample()` as layout 1 spooled it (without its two newer fields).
+    const V1_SAMPLE: [u8; 91] = [
+        1, 36, b'0', b'1', b'9', b'0', b'0', b'0', b'0', b'0', b'-', b'0', b'0', b'0', b'0', b'-',
+        b'7', b'0', b'0', b'0', b'-', b'8', b'0', b'0', b'0', b'-', b'0', b'0', b'0', b'0', b'0',
+        b'0', b'0', b'0', b'0', b'0', b'0', b'1', 7, b'r', b'e', b'q', b'-', b'"', b'1', b'"',
+        0xf6, 0xa1, 0xab, 0xfe, 0xf9, 0x62, 1, 2, b'k', b'1', 1, 1, b'm', 0, 16, b'c', b'h', b'a',
+        b't', b'_', b'c', b'o', b'm', b'p', b'l', b'e', b't', b'i', b'o', b'n', b's', 0xc8, 0x01,
+        3, 0xac, 0x02, 0, 0xd2, 0x09, 1, 56, 1, 1, b'i', 5,
+    ];
 }

@@ -490,6 +490,8 @@ mod tests {
             client_disconnected: false,
             instance_id: "i".into(),
             outcome,
+            queue_us: None,
+            fallback: None,
         };
         serde_json::to_vec(&r).unwrap()
     }
